@@ -1,0 +1,104 @@
+"""Checks a config at start so a bad value fails in one line that names its field."""
+import os
+
+import ml_collections
+
+DATA_FORMATS = ("json", "folder", "tfds")
+QUANTIZER_TYPES = ("rq", "vq")
+POS_GRIDS = ("reference", "time_freq")
+DTYPES = ("bfloat16", "float32")
+PHASES = ("encoder", "tokenizer", "joint")
+DECODER_MODES = (0, 1, 2, 3)
+
+
+class ConfigError(ValueError):
+  """An invalid config value; the message starts with the field's dotted name."""
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f"{field}: {message}")
+
+
+def _one_of(config, field: str, allowed) -> None:
+  value = _get(config, field)
+  _require(value in allowed, field, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(config, field: str) -> None:
+  value = _get(config, field)
+  _require(value > 0, field, f"must be > 0, got {value!r}")
+
+
+def _get(config, field: str):
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  return node
+
+
+def expand_path(path: str, workdir: str) -> str:
+  """Expands `{workdir}` and `~` in a configured path."""
+  return os.path.expanduser(path.replace("{workdir}", workdir or "."))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field of `config`."""
+  d, m = config.data, config.model
+  _one_of(config, "data.format", DATA_FORMATS)
+  _require(bool(d.manifest), "data.manifest", "is empty; set the training manifest (or use the :demo config)")
+  if d.format == "json":
+    _require(bool(d.label_csv), "data.label_csv", "is empty; data.format='json' needs a class_labels_indices.csv")
+  for field in ("data.sample_rate", "data.num_mel_bins", "data.target_length", "data.std",
+                "data.mixup_alpha", "model.patch_size", "model.width", "model.depth",
+                "model.num_heads", "model.in_chans"):
+    _positive(config, field)
+  _require(d.target_length % m.patch_size == 0, "data.target_length",
+           f"{d.target_length} frames is not divisible by model.patch_size={m.patch_size}")
+  _require(d.num_mel_bins % m.patch_size == 0, "data.num_mel_bins",
+           f"{d.num_mel_bins} bins is not divisible by model.patch_size={m.patch_size}")
+  _require(0.0 <= d.mixup <= 1.0, "data.mixup", f"is a probability, got {d.mixup}")
+  _require(0 <= d.freqm <= d.num_mel_bins, "data.freqm", f"must lie in [0, data.num_mel_bins], got {d.freqm}")
+  _require(0 <= d.timem <= d.target_length, "data.timem", f"must lie in [0, data.target_length], got {d.timem}")
+  _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+  _require(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
+
+  _one_of(config, "model.dtype", DTYPES)
+  _one_of(config, "model.pos_grid", POS_GRIDS)
+  _require(m.width % m.num_heads == 0, "model.width",
+           f"{m.width} is not divisible by model.num_heads={m.num_heads}")
+  _require(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", f"must lie in [0, 1), got {m.mask_ratio}")
+  for field in ("model.mask_t_prob", "model.mask_f_prob"):
+    _require(0.0 <= _get(config, field) < 1.0, field, f"must lie in [0, 1), got {_get(config, field)}")
+
+  dec = m.decoder
+  _one_of(config, "model.decoder.mode", DECODER_MODES)
+  _require(dec.width % dec.num_heads == 0, "model.decoder.width",
+           f"{dec.width} is not divisible by model.decoder.num_heads={dec.num_heads}")
+  if dec.mode == 1:
+    grid = (d.target_length // m.patch_size, d.num_mel_bins // m.patch_size)
+    for axis, (size, window) in enumerate(zip(grid, dec.window)):
+      _require(window > 0 and size % window == 0, "model.decoder.window",
+               f"{tuple(dec.window)} does not tile the {grid[0]}x{grid[1]} patch grid (axis {axis})")
+    _require(0 <= dec.shift < dec.window[0], "model.decoder.shift",
+             f"must lie in [0, window[0]={dec.window[0]}), got {dec.shift}")
+
+  q = m.quantizer
+  _one_of(config, "model.quantizer.type", QUANTIZER_TYPES)
+  for field in ("num_codebooks", "codebook_size", "code_dim", "kmeans_iters", "soft_code"):
+    _positive(config, f"model.quantizer.{field}")
+  _require(0.0 < q.decay < 1.0, "model.quantizer.decay", f"must lie in (0, 1), got {q.decay}")
+  _require(q.soft_code <= q.codebook_size, "model.quantizer.soft_code",
+           f"{q.soft_code} exceeds model.quantizer.codebook_size={q.codebook_size}")
+  if q.type == "vq":
+    _require(q.num_codebooks == 1, "model.quantizer.num_codebooks",
+             f"type 'vq' is a single codebook, got {q.num_codebooks}")
+
+  _require(len(config.rounds) > 0, "rounds", "lists no phase")
+  for i, phase in enumerate(config.rounds):
+    _require(phase in PHASES, f"rounds[{i}]", f"{phase!r} is not one of {', '.join(map(repr, PHASES))}")
+  for name in sorted(set(config.rounds)):
+    for field in ("batch_size", "epochs"):
+      _positive(config, f"{name}_phase.{field}")
+    _require(0 <= _get(config, f"{name}_phase.warmup_epochs") <= _get(config, f"{name}_phase.epochs"),
+             f"{name}_phase.warmup_epochs", "must lie in [0, epochs]")

@@ -1,0 +1,1 @@
+"""Audio input: decoding, fbank, augmentation, sources and the grain pipeline."""

@@ -1,0 +1,146 @@
+"""The grain input pipeline: records -> decoded, augmented, fixed-length waveform batches.
+
+Per host: shard the source by process index, shuffle by (seed, epoch), repeat, decode
+and augment each clip (roll + gain, mixup), pad/crop, skip and count unreadable clips,
+batch, and run it all in worker processes. The iterator's state (`get_state` /
+`set_state`) goes into checkpoints so a resumed run continues the same data order.
+fbank, SpecAugment and normalisation run later, on the device (`audio.features`).
+"""
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+
+from bridle_jax.data import audio
+from bridle_jax.data import augment
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipLoader:
+  """Turns a source record into a training example; `rng` drives the augmentations.
+
+  Returns {'waveform' (samples,), 'valid_frames', 'label' (num_classes,), 'skipped'}
+  or, for a clip that cannot be decoded, {'bad': reason} (logged with its path here,
+  counted and dropped by `SkipBadClips`).
+  """
+  source: Sequence[dict]
+  num_classes: int
+  sample_rate: int
+  target_length: int
+  roll_mag_aug: bool = False
+  roll_mag_gain_only: bool = False
+  mixup: float = 0.0
+  mixup_alpha: float = 10.0
+
+  def _decode(self, record: dict, rng: np.random.Generator) -> np.ndarray:
+    wave = audio.load_audio(record["audio"] or record["path"], self.sample_rate, name=record["path"])
+    if self.roll_mag_aug:
+      wave = augment.roll_mag(wave, rng, gain_only=self.roll_mag_gain_only)
+    return wave
+
+  def _multi_hot(self, labels: np.ndarray) -> np.ndarray:
+    target = np.zeros(self.num_classes, np.float32)
+    target[labels] = 1.0
+    return target
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict[str, Any]:
+    try:
+      wave = self._decode(record, rng)
+    except audio.AudioDecodeError as e:
+      logging.warning("Skipping unreadable clip: %s", e)
+      return {"bad": str(e)}
+    label = self._multi_hot(record["labels"])
+    if self.mixup > 0 and rng.random() < self.mixup:
+      other = self.source[int(rng.integers(len(self.source)))]
+      try:
+        other_wave = self._decode(other, rng)
+      except audio.AudioDecodeError as e:
+        logging.warning("Mixup partner unreadable, clip left unmixed: %s", e)
+      else:
+        lam = augment.sample_mixup_lambda(rng, self.mixup_alpha)
+        wave = augment.mix_waveforms(wave, other_wave, lam)
+        label = augment.mix_labels(label, self._multi_hot(other["labels"]), lam)
+    wave, valid_frames = audio.pad_or_crop(wave, self.target_length, self.sample_rate)
+    return {"waveform": wave, "valid_frames": np.int32(valid_frames), "label": label,
+            "skipped": np.int32(0)}
+
+
+class _SkipBadClipsIterator(grain.DatasetIterator):
+  """Drops examples marked bad; the next good example carries how many were dropped.
+
+  Bad clips after the last good one of a finite stream are logged but not counted;
+  training streams are infinite, so there every bad clip is counted.
+  """
+
+  def __next__(self):
+    skipped = 0
+    while True:
+      example = next(self._parent)  # StopIteration ends the stream, as it should.
+      if "bad" not in example:
+        example["skipped"] = np.int32(skipped)
+        return example
+      skipped += 1
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class SkipBadClips(grain.IterDataset):
+  """Skips clips that `ClipLoader` could not decode, counting them in 'skipped'."""
+
+  def __iter__(self):
+    return _SkipBadClipsIterator(self._parent.__iter__())
+
+
+def host_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise ValueError(f"batch size {global_batch_size} is not divisible by the "
+                     f"{process_count} processes (hosts) of this job")
+  return global_batch_size // process_count
+
+
+def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int, seed: int,
+                  process_index: int | None = None, process_count: int | None = None,
+                  num_epochs: int | None = None, train: bool = True) -> grain.IterDataset:
+  """Returns this host's batched dataset over `source` (infinite unless num_epochs).
+
+  With train=False there is no shuffling, no augmentation and the last partial
+  batch is kept, so every clip of this host's shard is seen once per epoch.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  batch = host_batch_size(global_batch_size, process_count)
+  loader = ClipLoader(
+      source=source, num_classes=len(source.class_names), sample_rate=data_config.sample_rate,
+      target_length=data_config.target_length,
+      roll_mag_aug=train and data_config.roll_mag_aug,
+      roll_mag_gain_only=data_config.roll_mag_gain_only,
+      mixup=data_config.mixup if train else 0.0, mixup_alpha=data_config.mixup_alpha)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) < batch and train:
+    raise ValueError(f"host shard holds {len(ds)} clips, fewer than one batch of {batch}")
+  if train:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs).random_map(loader, seed=seed)
+  ds = SkipBadClips(ds.to_iter_dataset())
+  ds = ds.batch(batch, drop_remainder=train)
+  if data_config.num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=data_config.num_workers, per_worker_buffer_size=data_config.prefetch))
+  return ds
+
+
+def steps_per_epoch(source: Sequence[dict], global_batch_size: int) -> int:
+  """Full global batches in one pass over the source."""
+  return len(source) // global_batch_size
+
+
+def to_device_batch(host_batch: dict, sharding: jax.sharding.Sharding) -> dict:
+  """Assembles each host's batch into global arrays sharded along the batch axis."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), host_batch)

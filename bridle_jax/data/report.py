@@ -1,0 +1,80 @@
+"""`--mode=data`: builds the pipeline from a config and reports what it delivers.
+
+Users run it to check a manifest before a long job: label statistics, batch shapes
+on the device mesh, fbank feature statistics, skipped (unreadable) clips and the
+host's throughput in clips per second.
+"""
+import functools
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from bridle_jax.data import audio
+from bridle_jax.data import pipeline
+from bridle_jax.data import sources
+
+
+def _device_features(data_config):
+  """A jitted fbank + normalisation of a waveform batch, as the train step does it."""
+  return jax.jit(functools.partial(
+      audio.features, num_mel_bins=data_config.num_mel_bins,
+      target_length=data_config.target_length, mean=data_config.mean, std=data_config.std,
+      sample_rate=data_config.sample_rate))
+
+
+def run_data_report(config, num_batches: int) -> dict:
+  """Reads `num_batches` global batches and returns (and logs) the report."""
+  data = config.data
+  source = sources.open_source(data)
+  stats = sources.label_statistics(source)
+  batch_size = config[f"{config.rounds[0]}_phase"].batch_size
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  if batch_size % len(jax.devices()):
+    raise ValueError(f"{config.rounds[0]}_phase.batch_size={batch_size} is not divisible "
+                     f"by the {len(jax.devices())} devices")
+  ds = pipeline.build_dataset(source, data, global_batch_size=batch_size, seed=config.seed)
+  features_fn = _device_features(data)
+
+  iterator = iter(ds)
+  first = next(iterator)  # Worker start-up and compilation stay out of the timing.
+  features = features_fn(*[pipeline.to_device_batch(first, sharding)[k]
+                           for k in ("waveform", "valid_frames")])
+  skipped = int(first["skipped"].sum())
+  label_sum = first["label"].sum(0)
+  start = time.perf_counter()
+  clips = 0
+  for _ in range(num_batches - 1):
+    batch = next(iterator)
+    device_batch = pipeline.to_device_batch(batch, sharding)
+    features = features_fn(device_batch["waveform"], device_batch["valid_frames"])
+    skipped += int(batch["skipped"].sum())
+    label_sum += batch["label"].sum(0)
+    clips += len(batch["label"])
+  jax.block_until_ready(features)
+  elapsed = time.perf_counter() - start
+  report = {
+      "clips": stats["num_clips"],
+      "classes": stats["num_classes"],
+      "unlabelled_clips": stats["num_unlabelled"],
+      "max_labels_per_clip": stats["max_labels_per_clip"],
+      "min_clips_per_class": int(np.min(stats["clips_per_class"])),
+      "max_clips_per_class": int(np.max(stats["clips_per_class"])),
+      "steps_per_epoch": pipeline.steps_per_epoch(source, batch_size),
+      "waveform_batch": tuple(first["waveform"].shape),
+      "label_batch": tuple(first["label"].shape),
+      "feature_batch": tuple(features.shape),
+      "feature_mean": float(features.mean()),
+      "feature_std": float(features.std()),
+      "batch_sharding": str(sharding.spec),
+      "devices": len(jax.devices()),
+      "batches_read": num_batches,
+      "classes_seen": int((label_sum > 0).sum()),
+      "skipped_clips": skipped,
+      "clips_per_second": clips / elapsed if clips else float("nan"),
+  }
+  for key, value in report.items():
+    logging.info("data report: %-20s %s", key, value)
+  return report

@@ -1,0 +1,253 @@
+"""Builds a JSON manifest into TFDS ArrayRecord shards, and reads them back, without TensorFlow.
+
+  python -m bridle_jax.data.tfds_builder --manifest M --label_csv L --data_dir D
+
+writes D/audio_manifest/<name>/1.0.0/ (name: the manifest's file stem by default); train
+on it with data.format=tfds and data.manifest set to that directory. Each example holds
+the encoded file bytes, so a run reads a few large shards instead of millions of files.
+
+The builder is a `tfds.core.ShardBasedBuilder`: shards are written one after another in
+manifest order. (`GeneratorBasedBuilder` spills its shuffle buffer through tf.io.gfile
+once a split passes 1 GiB, which needs TensorFlow; grain shuffles at read time anyway.)
+tfds holds one shard's examples in memory while writing it, so `clips_per_shard` bounds
+the build's memory. Files that cannot be read, or whose header soundfile cannot parse,
+are skipped, logged and listed in the dataset's metadata.json.
+"""
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import io
+import os
+import tempfile
+
+import numpy as np
+import soundfile as sf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from bridle_jax.data import sources
+
+VERSION = "1.0.0"
+FILE_FORMAT = "array_record"
+LABEL_TABLE_SUFFIX = ".label_table.npz"  # "<split>.label_table.npz" next to the shards
+FEATURE_NAMES = ("audio", "path", "labels", "fold")
+
+
+@dataclasses.dataclass
+class AudioManifestConfig(tfds.core.BuilderConfig):
+  """The manifest to build into split `split`; `name` names the built dataset."""
+  manifest: str = ""
+  label_csv: str = ""
+  split: str = "train"
+  clips_per_shard: int = 1024
+  read_threads: int = 8
+
+
+class AudioManifest(tfds.core.ShardBasedBuilder, skip_registration=True):
+  """Encoded audio files with their path, class indices and fold, from a JSON manifest.
+
+  The class ids (mids) are the names of the `labels` ClassLabel; display names, the
+  source files and the skipped clips are in the metadata. Per-clip labels are also saved
+  as a label table so statistics need no pass over the audio.
+  """
+  VERSION = tfds.core.Version(VERSION)
+  # Nothing is downloaded. Declaring it also skips tfds' checksum-file lookup, which for
+  # a builder defined in a package needs `importlib_resources`, undeclared by tfds 4.9.
+  url_infos = None
+
+  @functools.cached_property
+  def _label_map(self) -> sources.LabelMap:
+    return sources.load_label_map(self.builder_config.label_csv)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    config = self.builder_config
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"Audio clips of {config.manifest}",
+        features=tfds.features.FeaturesDict({
+            "audio": tfds.features.Tensor(shape=(), dtype=np.object_),
+            "path": tfds.features.Text(),
+            "labels": tfds.features.Sequence(tfds.features.ClassLabel(
+                names=list(self._label_map.mids))),
+            "fold": tfds.features.Scalar(dtype=np.int32),
+        }),
+        metadata=tfds.core.MetadataDict(
+            display_names=list(self._label_map.display_names),
+            manifest=config.manifest, label_csv=config.label_csv))
+
+  def _shard_iterators_per_split(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    config = self.builder_config
+    self._manifest = sources.JsonManifestSource(config.manifest, self._label_map)
+    self._written = np.ones(len(self._manifest), bool)
+    self._skipped = []
+    shard_starts = range(0, len(self._manifest), config.clips_per_shard)
+    return {config.split: [
+        functools.partial(self._generate_examples, start,
+                          min(start + config.clips_per_shard, len(self._manifest)))
+        for start in shard_starts]}
+
+  def _generate_examples(self, start: int, stop: int):
+    """Yields (manifest index, example) for the readable clips of entries [start, stop)."""
+    records = [self._manifest[i] for i in range(start, stop)]
+    file_contents = _read_audio_files([record["path"] for record in records],
+                                      self.builder_config.read_threads)
+    for index, record, (audio, problem) in zip(range(start, stop), records, file_contents):
+      if problem:
+        logging.warning("Skipping %s: %s", record["path"], problem)
+        self._skipped.append({"path": record["path"], "reason": problem})
+        self._written[index] = False
+        continue
+      yield index, {"audio": audio, "path": record["path"], "labels": record["labels"],
+                    "fold": record["fold"]}
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    super()._download_and_prepare(dl_manager, download_config)
+    config = self.builder_config
+    if not self._written.any():
+      raise sources.DataError(f"{config.manifest}: none of the {len(self._written)} audio "
+                              "files could be read")
+    values, offsets = self._manifest.label_table()
+    labels_per_clip = np.diff(offsets)
+    kept_values = values[np.repeat(self._written, labels_per_clip)]
+    kept_offsets = np.concatenate([[0], np.cumsum(labels_per_clip[self._written])])
+    with open(os.path.join(self.data_dir, config.split + LABEL_TABLE_SUFFIX), "wb") as f:
+      np.savez(f, values=kept_values, offsets=kept_offsets)
+    self.info.metadata.update(num_skipped=len(self._skipped), skipped=self._skipped)
+    logging.info("Wrote %d clips of %s, skipped %d unreadable", self._written.sum(),
+                 config.manifest, len(self._skipped))
+
+
+def build_array_record(manifest: str, label_csv: str, data_dir: str, split: str = "train",
+                       *, name: str = "", clips_per_shard: int = 1024, read_threads: int = 8,
+                       overwrite: bool = False) -> str:
+  """Builds `manifest` as split `split`; returns the built dataset directory.
+
+  `name` (default: the manifest's file stem) is the dataset's directory under
+  data_dir/audio_manifest/. An existing build is only replaced with `overwrite`.
+  """
+  if clips_per_shard < 1 or read_threads < 1:
+    raise ValueError(f"clips_per_shard ({clips_per_shard}) and read_threads ({read_threads}) "
+                     "must be positive")
+  manifest = os.path.abspath(manifest)
+  config = AudioManifestConfig(
+      name=name or os.path.splitext(os.path.basename(manifest))[0], manifest=manifest,
+      label_csv=os.path.abspath(label_csv), split=split, clips_per_shard=clips_per_shard,
+      read_threads=read_threads)
+  builder = AudioManifest(config=config, data_dir=os.path.abspath(data_dir),
+                          file_format=FILE_FORMAT)
+  dataset_dir = os.fspath(builder.data_dir)
+  if os.path.exists(dataset_dir) and not overwrite:
+    raise sources.DataError(f"{dataset_dir}: already built (rebuild with overwrite=True, "
+                            "--overwrite on the command line)")
+  with tempfile.TemporaryDirectory() as unused_download_dir:  # tfds creates one
+    builder.download_and_prepare(
+        download_dir=unused_download_dir,
+        download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS))
+  return dataset_dir
+
+
+class TfdsSource:
+  """A dataset built by `build_array_record`; records carry the audio bytes.
+
+  Pickles without its open readers (grain worker processes reopen them on first use).
+  """
+
+  def __init__(self, dataset_dir: str, split: str = "train"):
+    self.dataset_dir = os.path.abspath(dataset_dir)
+    self.split = split
+    info = self._open_builder().info
+    if split not in info.splits:
+      raise sources.DataError(f"{self.dataset_dir}: no split {split!r} "
+                              f"(splits: {', '.join(info.splits)})")
+    self.label_ids = list(info.features["labels"].feature.names)
+    self.class_names = list(info.metadata["display_names"])
+    self._num_records = info.splits[split].num_examples
+    self._records = None
+
+  def _open_builder(self):
+    try:
+      builder = tfds.builder_from_directory(self.dataset_dir)
+    except (OSError, ValueError) as e:
+      raise sources.DataError(f"{self.dataset_dir}: not a built TFDS dataset: {e}") from None
+    features = builder.info.features
+    if (set(features.keys()) != set(FEATURE_NAMES)
+        or "display_names" not in (builder.info.metadata or {})):
+      raise sources.DataError(f"{self.dataset_dir}: not built by bridle_jax.data.tfds_builder")
+    return builder
+
+  def __len__(self) -> int:
+    return self._num_records
+
+  def __getitem__(self, index: int) -> dict:
+    if self._records is None:
+      self._records = self._open_builder().as_data_source(self.split)
+    example = self._records[sources.check_index(index, self._num_records)]
+    return {"path": example["path"].decode(), "audio": example["audio"],
+            "labels": np.asarray(example["labels"], np.int32), "fold": int(example["fold"])}
+
+  def label_table(self) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets): clip i has class indices values[offsets[i]:offsets[i + 1]]."""
+    path = os.path.join(self.dataset_dir, self.split + LABEL_TABLE_SUFFIX)
+    with np.load(path) as table:
+      return table["values"], table["offsets"]
+
+  def __getstate__(self) -> dict:
+    return {**self.__dict__, "_records": None}
+
+
+def _read_audio_files(paths, num_threads: int):
+  """Yields (bytes, problem) per path, in order, reading up to 2 * num_threads ahead."""
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    pending = collections.deque()
+    for path in paths:
+      pending.append(pool.submit(_read_audio_file, path))
+      if len(pending) > 2 * num_threads:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
+def _read_audio_file(path: str) -> tuple[bytes, str]:
+  """(file bytes, "") or (b"", why the file is unusable)."""
+  try:
+    with open(path, "rb") as f:
+      audio = f.read()
+  except OSError as e:
+    return b"", f"cannot read: {e.strerror or e}"
+  try:
+    sf.info(io.BytesIO(audio))
+  except sf.LibsndfileError as e:
+    return b"", f"not a readable audio file: {e.error_string}"
+  return audio, ""
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(
+      description="Build a JSON audio manifest into TFDS ArrayRecord shards.")
+  parser.add_argument("--manifest", required=True, help="AudioMAE/AST JSON manifest")
+  parser.add_argument("--label_csv", required=True, help="class_labels_indices.csv")
+  parser.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
+  parser.add_argument("--split", default="train", help="split name of the manifest's clips")
+  parser.add_argument("--name", default="", help="dataset name (default: manifest file stem)")
+  parser.add_argument("--clips_per_shard", type=int, default=1024,
+                      help="clips per ArrayRecord shard (a shard is buffered in memory)")
+  parser.add_argument("--read_threads", type=int, default=8, help="parallel file reads")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing build")
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  try:
+    dataset_dir = build_array_record(
+        args.manifest, args.label_csv, args.data_dir, args.split, name=args.name,
+        clips_per_shard=args.clips_per_shard, read_threads=args.read_threads,
+        overwrite=args.overwrite)
+  except sources.DataError as e:
+    parser.exit(1, f"error: {e}\n")
+  print(dataset_dir)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""Pure Flax modules and quantizer functions."""

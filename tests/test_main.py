@@ -1,0 +1,117 @@
+"""The command line: config validation and `--mode=data` on the demo corpus."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bridle_jax import config_validation
+from configs import audio as audio_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, devices=1):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run([sys.executable, "-m", "bridle_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("variant", ["", "demo"])
+def test_shipped_configs_are_valid(variant):
+  config = audio_config.get_config(variant)
+  if not variant:
+    config.data.manifest, config.data.label_csv = "train.json", "labels.csv"
+  config_validation.validate_config(config)
+
+
+def test_default_config_is_the_paper_recipe():
+  c = audio_config.get_config()
+  assert (c.data.target_length, c.data.num_mel_bins, c.model.patch_size) == (1024, 128, 16)
+  assert (c.model.width, c.model.depth, c.model.num_heads) == (768, 12, 12)
+  assert c.model.mask_ratio == 0.8
+  q = c.model.quantizer
+  assert (q.type, q.num_codebooks, q.codebook_size, q.code_dim, q.decay, q.kmeans_init) == (
+      "rq", 4, 256, 256, 0.99, True)
+  assert (c.encoder_phase.epochs, c.encoder_phase.warmup_epochs, c.encoder_phase.lr) == (
+      140, 10, 5e-4)
+  assert (c.tokenizer_phase.epochs, c.tokenizer_phase.warmup_epochs, c.tokenizer_phase.lr) == (
+      31, 2, 2e-4)
+  assert c.encoder_phase.batch_size == c.tokenizer_phase.batch_size == 1024
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("data.target_length", 1000, "data.target_length: 1000 frames is not divisible"),
+    ("data.format", "csv", "data.format: 'csv' is not one of"),
+    ("model.quantizer.type", "lfq", "model.quantizer.type: 'lfq' is not one of"),
+    ("model.mask_ratio", 1.0, "model.mask_ratio: must lie in [0, 1)"),
+    ("model.decoder.window", (5, 4), "model.decoder.window: (5, 4) does not tile"),
+    ("data.mixup", 1.5, "data.mixup: is a probability"),
+    ("rounds", ("encoder", "tokeniser"), "rounds[1]: 'tokeniser' is not one of"),
+])
+def test_invalid_fields_are_named(field, value, expected):
+  config = audio_config.get_config("demo")
+  node = config
+  *parents, leaf = field.split(".")
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(config_validation.ConfigError) as error:
+    config_validation.validate_config(config)
+  assert str(error.value).startswith(expected)
+
+
+def test_unknown_config_variant_is_refused():
+  with pytest.raises(ValueError, match="unknown variant 'tiny'"):
+    audio_config.get_config("tiny")
+
+
+def test_data_mode_on_demo_corpus_over_eight_devices(tmp_path):
+  result = _run("--config=configs/audio.py:demo", f"--workdir={tmp_path}", "--mode=data",
+                "--data_batches=3", devices=8)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout)
+  assert report["clips"] == 400 and report["classes"] == 10
+  assert report["min_clips_per_class"] == report["max_clips_per_class"] == 40
+  assert report["devices"] == 8
+  assert report["waveform_batch"] == [16, 20720]
+  assert report["feature_batch"] == [16, 128, 128]
+  assert report["skipped_clips"] == 0
+  assert report["clips_per_second"] > 0
+  assert os.path.exists(tmp_path / "demo_data" / "train.json")
+
+
+def test_data_mode_reports_skipped_clips(tmp_path):
+  (tmp_path / "ok.wav").write_bytes(b"")
+  labels = tmp_path / "labels.csv"
+  labels.write_text("index,mid,display_name\n0,/m/a,A\n")
+  import numpy as np
+  import soundfile as sf
+  entries = []
+  for i in range(8):
+    sf.write(tmp_path / f"c{i}.wav", np.random.default_rng(i).normal(size=16000) * 0.1, 16000)
+    entries.append({"wav": f"c{i}.wav", "labels": "/m/a"})
+  entries.append({"wav": "ok.wav", "labels": "/m/a"})
+  entries.append({"wav": "gone.wav", "labels": "/m/a"})
+  manifest = tmp_path / "train.json"
+  manifest.write_text(json.dumps({"data": entries}))
+  result = _run("--config=configs/audio.py:demo", f"--workdir={tmp_path / 'w'}", "--mode=data",
+                "--data_batches=6", "--config.data.demo_dir=", f"--config.data.manifest={manifest}",
+                f"--config.data.label_csv={labels}", "--config.encoder_phase.batch_size=4")
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout)
+  assert report["skipped_clips"] >= 2
+  assert "gone.wav" in result.stderr
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.data.target_length=1000", "error: data.target_length: 1000 frames"),
+    ("--config.data.manifest=/nonexistent/train.json", "error: data.manifest: file not found"),
+])
+def test_bad_input_exits_with_one_line(tmp_path, override, expected):
+  result = _run("--config=configs/audio.py:demo", f"--workdir={tmp_path}", "--mode=data", override)
+  assert result.returncode == 2
+  assert expected in result.stderr
+  assert sum(line.startswith("error:") for line in result.stderr.splitlines()) == 1
