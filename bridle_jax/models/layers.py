@@ -1,0 +1,166 @@
+"""Shared ViT building blocks (timm layout) with logical axis names on every parameter.
+
+Logical axes: 'embed' model width, 'mlp' MLP hidden, 'heads' attention heads, 'kv' head dim,
+'patch' conv input channels. Initialisation follows the reference `_init_weights`: Xavier-uniform
+linear kernels, zero biases, LayerNorm 1/0. Kernels are stored (in, out); the fused qkv kernel is
+(embed, 3, heads, kv), so a PyTorch (3D, D) weight maps over by reshape (3, H, Kd, D) + transpose.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+LN_EPS = 1e-6
+
+
+def partitioned(init, *axes):
+  """`init` wrapped with logical axis names."""
+  return nn.with_logical_partitioning(init, axes)
+
+
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm with eps 1e-6 and ('embed',)-named scale/bias."""
+  return nn.LayerNorm(
+      epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=partitioned(nn.initializers.ones, 'embed'),
+      bias_init=partitioned(nn.initializers.zeros, 'embed'))
+
+
+def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype,
+          param_dtype: Dtype, name: str | None = None, use_bias: bool = True) -> nn.Dense:
+  """Xavier-uniform Linear with zero bias; `axes` names the (in, out) kernel axes."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=partitioned(nn.initializers.xavier_uniform(), *axes),
+      bias_init=partitioned(nn.initializers.zeros, axes[1]))
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact (erf) GELU -> fc2."""
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    hidden = int(width * self.mlp_ratio)
+    x = dense(hidden, ('embed', 'mlp'), self.dtype, self.param_dtype, 'fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    return dense(width, ('mlp', 'embed'), self.dtype, self.param_dtype, 'fc2')(x)
+
+
+class QKVProjection(nn.Module):
+  """Fused q/k/v projection: (..., D) -> (..., 3, heads, head_dim)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    shape = (width, 3, self.num_heads, width // self.num_heads)
+    # Xavier over the (D, 3D) fan, like the reference's single (3D, D) Linear.
+    kernel = self.param(
+        'kernel',
+        partitioned(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3)),
+                    'embed', None, 'heads', 'kv'),
+        shape, self.param_dtype)
+    bias = self.param('bias', partitioned(nn.initializers.zeros, None, 'heads', 'kv'),
+                      shape[1:], self.param_dtype)
+    x = jnp.asarray(x, self.dtype)
+    return jnp.einsum('...d,dshk->...shk', x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class HeadsProjection(nn.Module):
+  """Output projection: (..., heads, head_dim) -> (..., width)."""
+  width: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    shape = x.shape[-2:] + (self.width,)
+    kernel = self.param(
+        'kernel',
+        partitioned(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
+                    'heads', 'kv', 'embed'),
+        shape, self.param_dtype)
+    bias = self.param('bias', partitioned(nn.initializers.zeros, 'embed'),
+                      (self.width,), self.param_dtype)
+    x = jnp.asarray(x, self.dtype)
+    return jnp.einsum('...hk,hkd->...d', x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over (B, N, D); logits and softmax in float32."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None  # `implementation` of jax.nn.dot_product_attention
+
+  @nn.compact
+  def __call__(self, x):
+    qkv = QKVProjection(self.num_heads, self.dtype, self.param_dtype, name='qkv')(x)
+    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # (B, N, heads, kv)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    return HeadsProjection(x.shape[-1], self.dtype, self.param_dtype, name='proj')(out)
+
+
+class Block(nn.Module):
+  """Pre-norm timm block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+  The residual stream keeps the input's dtype (float32 input: float32 residual, `dtype` matmuls).
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    y = layer_norm(self.dtype, self.param_dtype, 'norm1')(x)
+    x = x + Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl,
+                      name='attn')(y)
+    y = layer_norm(self.dtype, self.param_dtype, 'norm2')(x)
+    return x + Mlp(self.mlp_ratio, self.dtype, self.param_dtype, name='mlp')(y)
+
+
+def _symmetric_uniform(bound: float):
+  """Initializer drawing from U(-bound, bound)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch conv: (B, H, W, C) or (B, H, W) -> (B, (H/p)(W/p), width).
+
+  Tokens come out row-major over the (H/p, W/p) grid; for audio (B, time, freq) that is
+  k = grid_f * t + f, as in the reference. Kernel (p, p, C, width) is Xavier-uniform over
+  the (width, C*p*p) view; bias is PyTorch's Conv2d default U(+-1/sqrt(C*p*p)).
+  """
+  width: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if x.ndim == 3:
+      x = x[..., None]
+    p = self.patch_size
+    fan_in = x.shape[-1] * p * p
+    x = nn.Conv(
+        self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+        param_dtype=self.param_dtype, name='proj',
+        kernel_init=partitioned(
+            nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
+            None, None, 'patch', 'embed'),
+        bias_init=partitioned(_symmetric_uniform(1.0 / np.sqrt(fan_in)), 'embed'))(x)
+    return x.reshape(x.shape[0], -1, self.width)

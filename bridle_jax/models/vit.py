@@ -1,0 +1,107 @@
+"""ViT encoder E of BRIDLE (MAE-style: patch embed + fixed sin-cos pos, masking, CLS, blocks, norm).
+
+Param tree (PyTorch key -> Flax path): patch_embed.proj -> patch_embed/proj, cls_token,
+blocks.{i} -> blocks_{i}, norm. The fixed `pos_embed` is not a parameter: it is
+`pos_embed.audio_pos_embed(grid_t, grid_f, width, pos_grid)`, recomputed on every trace.
+Input: audio fbank (B, T, F) or (B, T, F, C), images (B, H, W, C); grid = (H/p, W/p). The token
+residual stream is float32; matmuls run in `dtype`; outputs are in `dtype`.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bridle_jax.models import masking
+from bridle_jax.models.layers import Block, Dtype, PatchEmbed, layer_norm, partitioned
+from bridle_jax.models.pos_embed import audio_pos_embed
+
+
+class ViTBackbone(nn.Module):
+  """Shared trunk of the encoder and the tokenizer: `embed` then `transform`."""
+  grid: tuple[int, int]  # (grid_t, grid_f) patches: (time, freq) for audio, (rows, cols) images
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  patch_size: int = 16
+  pos_grid: str = 'reference'  # see pos_embed.audio_pos_embed; use 'time_freq' for images
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  def setup(self):
+    self.patch_embed = PatchEmbed(self.width, self.patch_size, self.dtype, self.param_dtype)
+    self.cls_token = self.param(
+        'cls_token', partitioned(nn.initializers.normal(0.02), None, None, 'embed'),
+        (1, 1, self.width), self.param_dtype)
+    self.blocks = [Block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
+                         self.attention_impl) for _ in range(self.depth)]
+    self.norm = layer_norm(self.dtype, self.param_dtype)
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+  def embed(self, x):
+    """Image/fbank -> patch tokens + fixed pos embed, (B, L, width) float32."""
+    tokens = self.patch_embed(x)
+    if tokens.shape[1] != self.num_patches:
+      raise ValueError(f'input {x.shape} gives {tokens.shape[1]} patches, grid {self.grid} '
+                       f'expects {self.num_patches}')
+    pos = audio_pos_embed(*self.grid, self.width, self.pos_grid, cls=False)
+    return tokens.astype(jnp.float32) + pos[None]
+
+  def transform(self, tokens):
+    """Prepends CLS (its pos row is zero), runs the blocks and the final norm."""
+    cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype), (tokens.shape[0], 1, self.width))
+    x = jnp.concatenate([cls, tokens], axis=1)
+    for block in self.blocks:
+      x = block(x)
+    return self.norm(x)
+
+
+class Encoder(ViTBackbone):
+  """Encoder E: returns (features (B, 1 + keep, width), mask (B, L), ids_restore (B, L)).
+
+  With `apply_mask` (and mask_2d or mask_ratio > 0) tokens are masked after the pos embed with
+  rngs from the 'mask' stream; otherwise all L tokens are kept, mask is zeros and ids_restore
+  the identity.
+  """
+  mask_ratio: float = 0.8
+  mask_2d: bool = False
+  mask_t_prob: float = 0.7
+  mask_f_prob: float = 0.3
+
+  def __call__(self, x, apply_mask: bool = False):
+    tokens = self.embed(x)
+    batch = tokens.shape[0]
+    if apply_mask and (self.mask_2d or self.mask_ratio > 0):
+      rng = self.make_rng('mask')
+      if self.mask_2d:
+        ids_keep, mask, ids_restore = masking.random_masking_2d(
+            rng, batch, *self.grid, self.mask_t_prob, self.mask_f_prob)
+      else:
+        ids_keep, mask, ids_restore = masking.random_masking(
+            rng, batch, self.num_patches, self.mask_ratio)
+      tokens = masking.gather_tokens(tokens, ids_keep)
+    else:
+      mask = jnp.zeros((batch, self.num_patches), jnp.float32)
+      ids_restore = jnp.broadcast_to(jnp.arange(self.num_patches, dtype=jnp.int32), mask.shape)
+    return self.transform(tokens), mask, ids_restore
+
+
+def backbone_kwargs(model_cfg: Any, grid: tuple[int, int]) -> dict[str, Any]:
+  """ViTBackbone fields from a `config.model` ConfigDict."""
+  return dict(
+      grid=tuple(grid), width=model_cfg.width, depth=model_cfg.depth,
+      num_heads=model_cfg.num_heads, mlp_ratio=model_cfg.mlp_ratio,
+      patch_size=model_cfg.patch_size, pos_grid=model_cfg.pos_grid,
+      dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get('attention_impl', None))
+
+
+def encoder_from_config(model_cfg: Any, grid: tuple[int, int]) -> Encoder:
+  """Encoder for grid = (target_length // patch, num_mel_bins // patch) (or image rows, cols)."""
+  return Encoder(
+      **backbone_kwargs(model_cfg, grid), mask_ratio=model_cfg.mask_ratio,
+      mask_2d=model_cfg.mask_2d, mask_t_prob=model_cfg.mask_t_prob,
+      mask_f_prob=model_cfg.mask_f_prob)

@@ -1,0 +1,164 @@
+"""Shared layers and the ViT encoder: shapes, parameter counts (§7.4), axis names, token order."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from bridle_jax.models.layers import Attention, Block, PatchEmbed
+from bridle_jax.models.pos_embed import audio_pos_embed
+from bridle_jax.models.vit import Encoder, encoder_from_config
+
+AUDIO_GRID = (64, 8)  # 1024 frames x 128 mel bins, patch 16
+RNGS = {'params': jax.random.key(0), 'mask': jax.random.key(1)}
+
+
+def vit_b_audio_config(**overrides):
+  cfg = dict(width=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16, in_chans=1,
+             mask_ratio=0.8, mask_2d=False, mask_t_prob=0.7, mask_f_prob=0.3,
+             pos_grid='reference', dtype='bfloat16')
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
+
+
+def numel(tree):
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+@pytest.fixture(scope='module')
+def vit_b_abstract():
+  encoder = encoder_from_config(vit_b_audio_config(), AUDIO_GRID)
+  x = jax.ShapeDtypeStruct((2, 1024, 128), jnp.float32)
+  boxed = jax.eval_shape(lambda x: encoder.init(RNGS, x, apply_mask=True), x)
+  return encoder, x, boxed
+
+
+def test_vit_b_shapes(vit_b_abstract):
+  encoder, x, boxed = vit_b_abstract
+  variables = nn.unbox(boxed)
+  masked = jax.eval_shape(
+      lambda v, x: encoder.apply(v, x, apply_mask=True, rngs={'mask': RNGS['mask']}),
+      variables, x)
+  assert [o.shape for o in masked] == [(2, 103, 768), (2, 512), (2, 512)]
+  assert masked[0].dtype == jnp.bfloat16
+  full = jax.eval_shape(encoder.apply, variables, x)
+  assert [o.shape for o in full] == [(2, 513, 768), (2, 512), (2, 512)]
+  encoder_2d = encoder.clone(mask_2d=True)
+  masked_2d = jax.eval_shape(
+      lambda v, x: encoder_2d.apply(v, x, apply_mask=True, rngs={'mask': RNGS['mask']}),
+      variables, x)
+  assert masked_2d[0].shape == (2, 96, 768)
+
+
+def test_vit_b_parameter_counts(vit_b_abstract):
+  _, _, boxed = vit_b_abstract
+  params = boxed['params']
+  assert set(params) == {'patch_embed', 'cls_token', 'norm'} | {f'blocks_{i}' for i in range(12)}
+  pos_numel = audio_pos_embed(*AUDIO_GRID, 768).size
+  assert pos_numel == 393_984
+  assert numel(params) == 85_254_144
+  assert numel(params) + pos_numel == 85_648_128
+  assert numel(params['blocks_0']) == 7_087_872
+  block = jax.eval_shape(Block(12).init, jax.random.key(0), jnp.zeros((1, 4, 768)))
+  assert numel(block) == 7_087_872
+
+
+def test_every_param_has_logical_axes(vit_b_abstract):
+  _, _, boxed = vit_b_abstract
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(leaf, nn.LogicallyPartitioned) for leaf in leaves)
+  for leaf in leaves:
+    assert len(leaf.names) == len(leaf.value.shape)
+  specs = nn.get_partition_spec(boxed)['params']
+  assert tuple(specs['blocks_0']['attn']['qkv']['kernel']) == ('embed', None, 'heads', 'kv')
+  assert tuple(specs['blocks_0']['attn']['proj']['kernel']) == ('heads', 'kv', 'embed')
+  assert tuple(specs['blocks_0']['mlp']['fc1']['kernel']) == ('embed', 'mlp')
+  assert tuple(specs['norm']['scale']) == ('embed',)
+  assert tuple(specs['patch_embed']['proj']['kernel']) == (None, None, 'patch', 'embed')
+
+
+def small_encoder(**overrides):
+  fields = dict(grid=(4, 2), width=32, depth=1, num_heads=2, patch_size=4, mask_ratio=0.5)
+  fields.update(overrides)
+  return Encoder(**fields)
+
+
+def test_bf16_compute_keeps_float32_params():
+  encoder = small_encoder(dtype=jnp.bfloat16)
+  x = jnp.ones((2, 16, 8))
+  variables = jax.jit(encoder.init)(RNGS, x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.unbox(variables)))
+  features, _, _ = jax.jit(encoder.apply)(variables, x)
+  assert features.dtype == jnp.bfloat16 and features.shape == (2, 9, 32)
+
+
+def test_token_order_time_major():
+  # Patch (t=5, f=3) of a 1024x128 fbank is token 8 * 5 + 3 = 43, output row 44 after CLS.
+  x = jnp.zeros((1, 1024, 128))
+  bumped = x.at[0, 5 * 16:6 * 16, 3 * 16:4 * 16].set(1.0)
+  embed = PatchEmbed(8, 16)
+  variables = jax.jit(embed.init)(jax.random.key(0), x)
+  diff = jax.jit(lambda v: embed.apply(v, bumped) - embed.apply(v, x))(variables)
+  np.testing.assert_array_equal(np.flatnonzero(np.abs(diff).sum(-1)[0]), [43])
+  encoder = Encoder(grid=AUDIO_GRID, width=8, depth=0, num_heads=2)
+  variables = jax.jit(encoder.init)(RNGS, x)
+  diff = jax.jit(lambda v: encoder.apply(v, bumped)[0] - encoder.apply(v, x)[0])(variables)
+  np.testing.assert_array_equal(np.flatnonzero(np.abs(diff).sum(-1)[0]), [44])
+
+
+def test_masked_tokens_are_the_kept_subset():
+  # Without blocks every output row depends on its own token only.
+  encoder = small_encoder(depth=0)
+  x = jax.random.normal(jax.random.key(3), (3, 16, 8))
+  variables = jax.jit(encoder.init)(RNGS, x)
+  full, _, _ = jax.jit(encoder.apply)(variables, x)
+  masked, mask, ids_restore = jax.jit(lambda v: encoder.apply(
+      v, x, apply_mask=True, rngs={'mask': jax.random.key(4)}))(variables)
+  assert masked.shape == (3, 5, 32) and np.asarray(mask).sum() == 3 * 4
+  ids_keep = np.argsort(np.asarray(ids_restore), axis=1)[:, :4]
+  np.testing.assert_allclose(masked[:, 1:], np.take_along_axis(
+      np.asarray(full[:, 1:]), ids_keep[:, :, None], axis=1), atol=1e-6)
+  np.testing.assert_allclose(masked[:, 0], full[:, 0], atol=1e-6)
+
+
+def test_attention_matches_pytorch_layout():
+  # A PyTorch qkv weight (3D, D), rows [q | k | v] head-major, maps over by reshape + transpose.
+  width, heads, tokens = 8, 2, 5
+  head_dim = width // heads
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1, tokens, width)).astype(np.float32)
+  w_qkv, b_qkv = rng.normal(size=(3 * width, width)), rng.normal(size=(3 * width,))
+  w_proj, b_proj = rng.normal(size=(width, width)), rng.normal(size=(width,))
+  params = {'qkv': {'kernel': w_qkv.reshape(3, heads, head_dim, width).transpose(3, 0, 1, 2),
+                    'bias': b_qkv.reshape(3, heads, head_dim)},
+            'proj': {'kernel': w_proj.T.reshape(heads, head_dim, width), 'bias': b_proj}}
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  out = jax.jit(Attention(heads).apply)({'params': params}, x)
+
+  qkv = (x[0] @ w_qkv.T + b_qkv).reshape(tokens, 3, heads, head_dim).transpose(1, 2, 0, 3)
+  q, k, v = qkv
+  logits = q @ k.transpose(0, 2, 1) / np.sqrt(head_dim)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = (probs @ v).transpose(1, 0, 2).reshape(tokens, width) @ w_proj.T + b_proj
+  np.testing.assert_allclose(out[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_initialisation_bounds():
+  width = 96
+  encoder = small_encoder(width=width, num_heads=3)
+  params = nn.unbox(jax.jit(encoder.init)(RNGS, jnp.zeros((1, 16, 8))))['params']
+  block = params['blocks_0']
+  qkv = np.asarray(block['attn']['qkv']['kernel'])
+  bound = np.sqrt(6 / (width + 3 * width))  # Xavier over the fused (D, 3D) fan
+  assert 0.95 * bound < np.abs(qkv).max() <= bound
+  assert not np.asarray(block['attn']['qkv']['bias']).any()
+  np.testing.assert_array_equal(block['norm1']['scale'], 1.0)
+  patch_fan_in = 4 * 4  # 1 channel, 4x4 patches
+  bound = np.sqrt(6 / (patch_fan_in + width))
+  assert 0.95 * bound < np.abs(params['patch_embed']['proj']['kernel']).max() <= bound
+  bias = np.abs(params['patch_embed']['proj']['bias'])
+  assert 0.9 / np.sqrt(patch_fan_in) < bias.max() <= 1 / np.sqrt(patch_fan_in)
+  cls = params['cls_token']
+  assert cls.shape == (1, 1, width) and 0.01 < float(np.std(cls)) < 0.03
