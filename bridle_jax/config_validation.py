@@ -102,3 +102,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       _positive(config, f"{name}_phase.{field}")
     _require(0 <= _get(config, f"{name}_phase.warmup_epochs") <= _get(config, f"{name}_phase.epochs"),
              f"{name}_phase.warmup_epochs", "must lie in [0, epochs]")
+    phase = config[f"{name}_phase"]
+    _positive(config, f"{name}_phase.lr")
+    _positive(config, f"{name}_phase.grad_accum")
+    _require(phase.batch_size % phase.grad_accum == 0, f"{name}_phase.grad_accum",
+             f"{phase.grad_accum} does not divide {name}_phase.batch_size={phase.batch_size}")
+    _require(phase.steps >= 0, f"{name}_phase.steps", f"must be >= 0, got {phase.steps}")
+    _require(phase.clip_grad >= 0, f"{name}_phase.clip_grad", f"must be >= 0, got {phase.clip_grad}")
+  if "joint" in config.rounds:
+    _positive(config, "joint_phase.tokenizer_every")
+  for axis in ("data", "fsdp", "model"):
+    size = config.mesh[axis]
+    _require(size == -1 or size > 0, f"mesh.{axis}", f"must be -1 or > 0, got {size}")
+  for field in ("checkpoint_every", "keep_checkpoints", "log_every", "usage_every"):
+    _positive(config, field)

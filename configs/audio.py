@@ -18,7 +18,11 @@ VIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
 def _phase(epochs, warmup_epochs, lr, batch_size, weight_decay=1e-4):
   return ml_collections.ConfigDict(dict(
       epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, min_lr=0.0,
-      weight_decay=weight_decay, batch_size=batch_size, steps=0))
+      weight_decay=weight_decay, batch_size=batch_size,
+      steps=0,              # > 0 overrides epochs x steps-per-epoch
+      grad_accum=1,         # micro-batches per optimizer step (batch_size is the total)
+      clip_grad=0.0,        # global-norm clipping; 0 = off (the reference never clips)
+      betas=(0.9, 0.95), eps=1e-8))
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -94,6 +98,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.joint_phase.tokenizer_loss_ratio = 0.2
   c.joint_phase.tokenizer_every = 4
 
+  c.encoder_from_scratch = False   # re-initialise the encoder in each encoder phase
+  c.init_from = ""                 # another workdir: start from its last finished phase
+
+  # ---- devices, checkpoints, logs ----
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  # logical parameter axis -> mesh axes (None: replicated)
+  c.sharding_rules = (("embed", "fsdp"), ("mlp", "model"), ("heads", "model"),
+                      ("vocab", "model"), ("kv", None), ("patch", None), ("code", None))
+  c.checkpoint_every = 1000        # steps; every phase also saves at its end
+  c.keep_checkpoints = 3
+  c.log_every = 50
+  c.usage_every = 500              # codebook usage (fraction used, perplexity)
+
   if arg == "demo":
     _shrink_for_demo(c)
   elif arg:
@@ -122,3 +139,7 @@ def _shrink_for_demo(c: ml_collections.ConfigDict) -> None:
     phase.batch_size = 16
     phase.epochs = 2
     phase.warmup_epochs = 0
+    phase.lr = 1e-3
+  c.checkpoint_every = 20
+  c.log_every = 10
+  c.usage_every = 10

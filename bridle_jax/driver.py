@@ -1,0 +1,276 @@
+"""Runs the configured rounds of phases and hands checkpoints from one phase to the next.
+
+Phases are named `p<i>_<kind>` in `config.rounds` order (e.g. p1_encoder, p2_tokenizer,
+p3_encoder). An encoder phase that no tokenizer or joint phase precedes (in this run or
+in the `init_from` workdir) uses the frozen cold-start tokenizer. Each phase starts from the previous phase's final
+parameters and codebooks, with a fresh optimizer and schedule; tokenizer and joint
+phases, and the cold-start phase, start from fresh codebooks, k-means-initialised on
+their first batch. Progress lives in WORKDIR/progress.json and the per-phase orbax
+checkpoints, so rerunning the same command after an interruption resumes the phase in
+progress at its last checkpoint, data position included.
+"""
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+from absl import logging
+
+from bridle_jax.data import pipeline
+from bridle_jax.data import sources
+from bridle_jax.models import quantizer
+from bridle_jax.train import checkpoint
+from bridle_jax.train import monitor
+from bridle_jax.train import optim
+from bridle_jax.train import sharding
+from bridle_jax.train import state as state_lib
+from bridle_jax.train import steps
+
+BATCH_KEYS = ("waveform", "valid_frames")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  index: int
+  kind: str  # encoder | tokenizer | joint
+
+  @property
+  def id(self) -> str:
+    return f"p{self.index + 1}_{self.kind}"
+
+
+def phases(config) -> list[Phase]:
+  return [Phase(i, kind) for i, kind in enumerate(config.rounds)]
+
+
+def _trains_tokenizer(kinds) -> bool:
+  return any(kind in ("tokenizer", "joint") for kind in kinds)
+
+
+def _handoff_dir(workdir: str, phase_id: str) -> str:
+  return os.path.join(workdir, "checkpoints", f"{phase_id}_final")
+
+
+def _fresh_state_fn(models, groups, tx):
+  """rng -> the annotated initial state of a phase with fresh params and codebooks."""
+  def fresh(rng):
+    params_rng, codebook_rng = jax.random.split(rng)
+    return state_lib.new_state(state_lib.init_params(models, params_rng),
+                               quantizer.init(models.quantizer, codebook_rng), groups, tx, rng)
+  return fresh
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+class Trainer:
+  """Holds what all phases share: config, mesh, models, data source."""
+
+  def __init__(self, config, workdir: str, devices=None):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.models = state_lib.build_models(config)
+    self.source = sources.open_source(config.data)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.replicated = sharding.replicated(self.mesh)
+    fresh = _fresh_state_fn(self.models, (), optim.adamw_direction(config.encoder_phase))
+    abstract = jax.eval_shape(lambda r: state_lib.handoff_tree(fresh(r)), jax.random.PRNGKey(0))
+    self.handoff_shardings = sharding.shardings_for(abstract, self.mesh, config.sharding_rules)
+    self.handoff_abstract = _with_shardings(nn.unbox(abstract), self.handoff_shardings)
+    self.init_from_phases = (checkpoint.read_progress(config.init_from).get("completed", [])
+                             if config.init_from else [])
+
+  def uses_cold_start(self, phase: Phase) -> bool:
+    """An encoder phase with no tokenizer training before it (here or in init_from)."""
+    earlier = list(self.config.rounds[:phase.index])
+    earlier += [phase_id.split("_", 1)[1] for phase_id in self.init_from_phases]
+    return phase.kind == "encoder" and not _trains_tokenizer(earlier)
+
+  def run(self) -> dict:
+    """Runs every unfinished phase; returns the summary written to summary.json."""
+    progress = checkpoint.read_progress(self.workdir)
+    completed = progress.setdefault("completed", [])
+    summaries = progress.setdefault("phases", {})
+    handoff = None
+    for phase in phases(self.config):
+      if phase.id in completed:
+        continue
+      if handoff is None:
+        handoff = self._starting_point(phase)
+      summaries[phase.id], handoff = self.run_phase(phase, handoff)
+      completed.append(phase.id)
+      checkpoint.write_progress(self.workdir, progress)
+    summary = {"workdir": self.workdir, "phases": summaries}
+    monitor.write_summary(self.workdir, summary)
+    return summary
+
+  def _starting_point(self, phase: Phase):
+    """The params and codebooks a phase starts from (None: fresh initialisation)."""
+    if phase.index > 0:
+      previous = phases(self.config)[phase.index - 1]
+      return self.load_handoff(_handoff_dir(self.workdir, previous.id))
+    if self.config.init_from:
+      if not self.init_from_phases:
+        raise ValueError(f"init_from: {self.config.init_from} holds no finished phase")
+      return self.load_handoff(_handoff_dir(self.config.init_from, self.init_from_phases[-1]))
+    return None
+
+  def load_handoff(self, directory: str) -> dict:
+    ckpt = checkpoint.PhaseCheckpointer(directory, save_every=1, keep=1, async_save=False)
+    if ckpt.latest_step() is None:
+      raise ValueError(f"no finished phase checkpoint in {directory}")
+    tree, _ = ckpt.restore(self.handoff_abstract)
+    ckpt.close()
+    return tree
+
+  def run_phase(self, phase: Phase, handoff: dict | None):
+    """Trains one phase to its end; returns (phase summary, handoff for the next)."""
+    run = self.setup_phase(phase, handoff)
+    config = self.config
+    phase_monitor = monitor.PhaseMonitor(
+        self.workdir, phase.id, run.total, run.batch_size, config.log_every,
+        config.usage_every, is_writer=jax.process_index() == 0)
+    step = int(run.state.step)
+    skipped = 0
+    while step < run.total:
+      host_batch = run.next_batch()
+      skipped += int(host_batch["skipped"].sum())
+      run.state, metrics, counts = run.step_fn(step)(run.state, self.device_batch(host_batch))
+      step += 1
+      phase_monitor.record(step, metrics)
+      if phase_monitor.should_log_usage(step):
+        phase_monitor.record_codebook_usage(step, counts)
+      if run.checkpointer.should_save(step) or step == run.total:
+        run.checkpointer.save(step, run.state, run.iterator.get_state(), force=step == run.total)
+    run.checkpointer.wait()
+    run.checkpointer.close()
+
+    handoff = state_lib.handoff_tree(run.state)
+    final = checkpoint.PhaseCheckpointer(_handoff_dir(self.workdir, phase.id), save_every=1,
+                                         keep=1, async_save=False)
+    final.save(run.total, handoff, None, force=True)
+    final.close()
+    summary = phase_monitor.finish()
+    summary.update(skipped_clips=skipped, cold_start=run.cold_start, steps=run.total)
+    logging.info("%s: done, %s", phase.id, summary)
+    return summary, handoff
+
+  def setup_phase(self, phase: Phase, handoff: dict | None) -> "PhaseRun":
+    """The state (resumed from this phase's checkpoint if any), data and compiled steps."""
+    config, models = self.config, self.models
+    phase_config = config[f"{phase.kind}_phase"]
+    cold_start = self.uses_cold_start(phase)
+    steps_per_epoch = pipeline.steps_per_epoch(self.source, phase_config.batch_size)
+    if steps_per_epoch == 0:
+      raise ValueError(f"{phase.kind}_phase.batch_size={phase_config.batch_size} exceeds "
+                       f"the {len(self.source)} clips of data.manifest")
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if phase_config.batch_size % shards:
+      raise ValueError(f"{phase.kind}_phase.batch_size={phase_config.batch_size} is not "
+                       f"divisible by the {shards} data-parallel devices of the mesh")
+    total = phase_config.steps or phase_config.epochs * steps_per_epoch
+    warmup = round(total * phase_config.warmup_epochs / phase_config.epochs)
+    tx = optim.adamw_direction(phase_config)
+    schedule = optim.warmup_cosine(phase_config.lr, phase_config.min_lr, warmup, total)
+    groups = steps.PHASE_GROUPS[phase.kind]
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), phase.index)
+
+    fresh = _fresh_state_fn(models, groups, tx)
+    abstract = jax.eval_shape(fresh, rng)
+    shardings = sharding.shardings_for(abstract, self.mesh, config.sharding_rules)
+    batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
+    ckpt = checkpoint.PhaseCheckpointer(
+        os.path.join(self.workdir, "checkpoints", phase.id),
+        save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+    dataset = pipeline.build_dataset(self.source, config.data,
+                                     global_batch_size=phase_config.batch_size,
+                                     seed=config.seed + phase.index)
+    iterator = iter(dataset)
+    pending = None
+    if ckpt.latest_step() is not None:
+      state, data_state = ckpt.restore(_with_shardings(nn.unbox(abstract), shardings))
+      if data_state is None:
+        logging.warning("%s: checkpoint holds no data position for this host layout; the "
+                        "data stream restarts from its beginning", phase.id)
+      else:
+        iterator.set_state(data_state)
+      logging.info("%s: resumed at step %d", phase.id, int(state.step))
+    else:
+      state = self._initial_state(phase, fresh, rng, handoff, groups, tx, shardings, cold_start)
+      if phase.kind != "encoder" or cold_start:
+        pending = next(iterator)
+        prepare = jax.jit(
+            lambda s, b: steps.prepare_codebooks(s, b, models=models, cold_start=cold_start),
+            in_shardings=(shardings, batch_shardings), out_shardings=shardings, donate_argnums=0)
+        state = prepare(state, self.device_batch(pending))
+
+    def compile_step(**kwargs):
+      fn = steps.phase_step(models, phase.kind, phase_config, tx, schedule, cold_start=cold_start,
+                            **kwargs)
+      return jax.jit(fn, in_shardings=(shardings, batch_shardings),
+                     out_shardings=(shardings, self.replicated, self.replicated),
+                     donate_argnums=0)
+
+    encoder_only_step = compile_step(with_tokenizer=False) if phase.kind == "joint" else None
+    logging.info("%s: %d steps (%d per epoch), batch %d%s", phase.id, total, steps_per_epoch,
+                 phase_config.batch_size, ", cold-start tokenizer" if cold_start else "")
+    return PhaseRun(phase=phase, total=total, batch_size=phase_config.batch_size,
+                    cold_start=cold_start, state=state, iterator=iterator, checkpointer=ckpt,
+                    pending=pending, train_step=compile_step(),
+                    encoder_only_step=encoder_only_step,
+                    tokenizer_every=phase_config.get("tokenizer_every", 1))
+
+  def _initial_state(self, phase, fresh, rng, handoff, groups, tx, shardings, cold_start):
+    """Step 0 of a phase: handed-over params (or fresh ones), fresh optimizer."""
+    if handoff is None:
+      return jax.jit(lambda r: nn.unbox(fresh(r)), out_shardings=shardings)(rng)
+    reinit_encoder = phase.kind == "encoder" and self.config.encoder_from_scratch
+    fresh_codebooks = phase.kind != "encoder" or cold_start
+
+    def start(handoff, rng):
+      initial = nn.unbox(fresh(rng))
+      params = dict(handoff["params"])
+      if reinit_encoder:
+        params.update(state_lib.group_params(initial.params, "encoder"))
+      codebooks = initial.codebooks if fresh_codebooks else handoff["codebooks"]
+      return state_lib.new_state(params, codebooks, groups, tx, rng)
+
+    return jax.jit(start, out_shardings=shardings)(handoff, rng)
+
+  def device_batch(self, host_batch: dict) -> dict:
+    """The step's inputs of a host batch, as global arrays sharded over the batch axes."""
+    return pipeline.to_device_batch({k: host_batch[k] for k in BATCH_KEYS}, self.batch_sharding)
+
+
+@dataclasses.dataclass
+class PhaseRun:
+  """A phase ready to train: its state, data iterator, checkpointer and compiled steps."""
+  phase: Phase
+  total: int
+  batch_size: int
+  cold_start: bool
+  state: state_lib.TrainState
+  iterator: object
+  checkpointer: checkpoint.PhaseCheckpointer
+  pending: dict | None  # the first batch, already used to initialise the codebooks
+  train_step: object
+  encoder_only_step: object | None  # joint phase: steps without the tokenizer term
+  tokenizer_every: int
+
+  def next_batch(self) -> dict:
+    batch, self.pending = self.pending, None
+    return batch if batch is not None else next(self.iterator)
+
+  def step_fn(self, step: int):
+    """The joint phase adds the tokenizer term on every `tokenizer_every`-th step."""
+    if self.encoder_only_step is None or step % self.tokenizer_every == 0:
+      return self.train_step
+    return self.encoder_only_step
+
+
+def train(config, workdir: str) -> dict:
+  """Runs (or resumes) every phase of `config.rounds` in `workdir`."""
+  return Trainer(config, workdir).run()

@@ -1,0 +1,1 @@
+"""Training engine: sharding, optimizer, state, steps, checkpoints, monitoring."""

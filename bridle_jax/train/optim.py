@@ -1,0 +1,55 @@
+"""AdamW with the reference's weight-decay grouping and its per-step warmup + cosine.
+
+The learning rate is applied outside the optax chain, from the phase's global step, so
+that a parameter group updated only on some steps (the tokenizer in the joint phase)
+follows the same schedule as the rest while its Adam moments and bias correction count
+only its own updates, as PyTorch's AdamW does for parameters without a gradient.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def warmup_cosine(base_lr: float, min_lr: float, warmup_steps: int, total_steps: int):
+  """lr(step): linear warmup from 0, then half-cosine to min_lr (util/lr_sched.py, per step)."""
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = base_lr * step / max(warmup_steps, 1)
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    cosine = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * jnp.clip(progress, 0, 1)))
+    return jnp.where(step < warmup_steps, warm, cosine)
+  return schedule
+
+
+def decay_mask(params):
+  """True where weight decay applies: not biases and not 1-D tensors (timm's grouping).
+
+  cls_token and mask_token are decayed, as in the reference's pretraining.
+  """
+  def decays(path, leaf):
+    name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+    return not (name == "bias" or leaf.ndim <= 1)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def adamw_direction(phase_config) -> optax.GradientTransformation:
+  """Clipping (optional), Adam scaling and decoupled weight decay; lr applied by the caller."""
+  b1, b2 = phase_config.betas
+  parts = []
+  if phase_config.clip_grad > 0:
+    parts.append(optax.clip_by_global_norm(phase_config.clip_grad))
+  parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=phase_config.eps),
+            optax.add_decayed_weights(phase_config.weight_decay, mask=decay_mask)]
+  return optax.chain(*parts)
+
+
+def global_norm(tree) -> jax.Array:
+  """l2 norm of all leaves together, in float32."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def apply_direction(params, direction, lr):
+  """params - lr * direction."""
+  return jax.tree.map(lambda p, d: p - lr * d.astype(p.dtype), params, direction)

@@ -1,0 +1,103 @@
+"""The model bundle built from a config, and the train state pytree.
+
+Parameters live in one dict with four modules: 'encoder' and 'decoder' (group
+'encoder'), 'tokenizer' and 'estimator' (group 'tokenizer'). A phase updates one or
+both groups; the optimizer state holds one entry per updated group. The quantizer's
+codebooks travel as explicit state next to the parameters.
+"""
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from bridle_jax.data import audio
+from bridle_jax.models import decoder as decoder_lib
+from bridle_jax.models import quantizer
+from bridle_jax.models import tokenizer as tokenizer_lib
+from bridle_jax.models import vit
+
+GROUPS = {"encoder": ("encoder", "decoder"), "tokenizer": ("tokenizer", "estimator")}
+MODULES = ("encoder", "decoder", "tokenizer", "estimator")
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The four Flax modules, the quantizer spec and the on-device audio front end."""
+  encoder: nn.Module
+  decoder: nn.Module
+  tokenizer: nn.Module
+  estimator: nn.Module
+  quantizer: quantizer.QuantizerSpec
+  features: Callable[[dict, Any], jax.Array]  # (batch, rng or None) -> (B, T, F)
+  input_shape: tuple[int, int]  # (frames, mel bins)
+
+
+def build_models(config) -> Models:
+  """Modules sized by `config.model` for the `config.data` input."""
+  data, model = config.data, config.model
+  grid = (data.target_length // model.patch_size, data.num_mel_bins // model.patch_size)
+  spec = quantizer.quantizer_spec_from_config(model.quantizer)
+  num_tokens = spec.codebook_size * spec.num_codebooks * spec.soft_code
+  front_end = functools.partial(
+      audio.features, num_mel_bins=data.num_mel_bins, target_length=data.target_length,
+      mean=data.mean, std=data.std, freqm=data.freqm, timem=data.timem,
+      sample_rate=data.sample_rate)
+
+  def features(batch, rng):
+    return front_end(batch["waveform"], batch["valid_frames"], rng=rng)
+
+  return Models(
+      encoder=vit.encoder_from_config(model, grid),
+      decoder=decoder_lib.decoder_from_config(model, grid, num_tokens),
+      tokenizer=tokenizer_lib.tokenizer_from_config(model, grid),
+      estimator=tokenizer_lib.estimator_from_config(model, grid),
+      quantizer=spec, features=features,
+      input_shape=(data.target_length, data.num_mel_bins))
+
+
+def init_params(models: Models, rng: jax.Array) -> dict:
+  """Fresh parameters of all four modules, with their logical-axis annotations."""
+  r_enc, r_dec, r_tok, r_est, r_mask = jax.random.split(rng, 5)
+  x = jnp.zeros((1, *models.input_shape), jnp.float32)
+  encoder = models.encoder.init({"params": r_enc, "mask": r_mask}, x, apply_mask=True)
+  features, _, ids_restore = models.encoder.apply(encoder, x, apply_mask=True,
+                                                  rngs={"mask": r_mask})
+  decoder = models.decoder.init({"params": r_dec}, features, ids_restore)
+  tokenizer = models.tokenizer.init({"params": r_tok}, x)
+  z = jnp.zeros((1, ids_restore.shape[1], models.quantizer.code_dim), jnp.float32)
+  estimator = models.estimator.init({"params": r_est}, z)
+  return {"encoder": encoder["params"], "decoder": decoder["params"],
+          "tokenizer": tokenizer["params"], "estimator": estimator["params"]}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a phase's step reads and returns."""
+  step: jax.Array                        # optimizer steps taken in this phase
+  params: dict                           # module name -> params
+  opt_state: dict                        # group name -> optax state of that group's params
+  codebooks: quantizer.CodebookState
+  rng: jax.Array
+
+
+def group_params(params: dict, group: str) -> dict:
+  return {name: params[name] for name in GROUPS[group]}
+
+
+def new_state(params: dict, codebooks: quantizer.CodebookState, groups: tuple[str, ...],
+              tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """A phase's initial state: step 0 and a fresh optimizer for the updated groups."""
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state={g: tx.init(group_params(params, g)) for g in groups},
+      codebooks=codebooks, rng=rng)
+
+
+def handoff_tree(state: TrainState) -> dict:
+  """What one phase passes to the next (and what exports read): params and codebooks."""
+  return {"params": state.params, "codebooks": state.codebooks}

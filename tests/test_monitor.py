@@ -1,0 +1,171 @@
+"""Tests for the per-phase training monitor (logs, TensorBoard events, plot, summaries)."""
+import collections
+import json
+import logging
+import os
+import struct
+import types
+
+import jax
+import jax.numpy as jnp
+import matplotlib.image
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
+
+from bridle_jax.train import monitor as monitor_lib
+
+
+class _DeviceScalar:
+  """Stands in for a device value: any host conversion outside jax.device_get fails."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def _refuse(self, *args, **kwargs):
+    raise AssertionError("device value read outside jax.device_get")
+
+  __float__ = __array__ = __bool__ = __index__ = item = _refuse
+
+
+def _read_scalars(logdir):
+  """{tag: [(step, value)]} from the TFRecord event files in `logdir`, checking CRCs."""
+  scalars = collections.defaultdict(list)
+  files = [name for name in os.listdir(logdir) if name.startswith("events.out.tfevents")]
+  assert files
+  for name in files:
+    with open(os.path.join(logdir, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      header = data[offset:offset + 8]
+      (length,), (header_crc,) = struct.unpack("<Q", header), struct.unpack(
+          "<I", data[offset + 8:offset + 12])
+      assert header_crc == masked_crc32c(header)
+      record = data[offset + 12:offset + 12 + length]
+      (record_crc,) = struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])
+      assert record_crc == masked_crc32c(record)
+      offset += 16 + length
+      event = event_pb2.Event.FromString(record)
+      for value in event.summary.value:
+        scalars[value.tag].append((event.step, value.simple_value))
+  return scalars
+
+
+def _fake_clock(monkeypatch, times):
+  ticks = iter(times)
+  monkeypatch.setattr(monitor_lib, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+
+
+def test_record_fetches_only_on_log_steps_and_logs_rates(tmp_path, monkeypatch, caplog):
+  fetched_at = []
+  current_step = [0]
+
+  def counting_device_get(tree):
+    fetched_at.append(current_step[0])
+    return jax.tree.map(lambda x: x.value if isinstance(x, _DeviceScalar) else x, tree)
+
+  monkeypatch.setattr(jax, "device_get", counting_device_get)
+  _fake_clock(monkeypatch, [0.0, 10.0, 12.0])
+  monitor = monitor_lib.PhaseMonitor(str(tmp_path), "encoder_r1", total_steps=10,
+                                     global_batch_size=8, log_every=4, usage_every=5)
+  with caplog.at_level(logging.INFO):
+    for step in range(1, 9):
+      current_step[0] = step
+      monitor.record(step, {"loss": _DeviceScalar(float(step)), "acc": _DeviceScalar(0.5),
+                            "lr": _DeviceScalar(step * 1e-3)})
+  assert fetched_at == [4, 8]
+  assert monitor.loss_history == [(s, float(s)) for s in range(1, 9)]
+  lines = [r.getMessage() for r in caplog.records if "encoder_r1 step" in r.getMessage()]
+  assert len(lines) == 2
+  # Interval means for loss/acc, the log step's value for lr; 4 steps in 10 s, then in 2 s.
+  assert lines[0] == ("encoder_r1 step 4/10 | loss 2.5 | acc 0.5 | lr 0.004 | "
+                      "3.2 samples/s 0.40 steps/s | ETA 0:00:15 (incl. compile)")
+  assert lines[1] == ("encoder_r1 step 8/10 | loss 6.5 | acc 0.5 | lr 0.008 | "
+                      "16.0 samples/s 2.00 steps/s | ETA 0:00:01")
+
+
+def test_event_files_hold_scalars_at_their_steps(tmp_path):
+  monitor = monitor_lib.PhaseMonitor(str(tmp_path), "tokenizer_r1", total_steps=5,
+                                     global_batch_size=4, log_every=2, usage_every=5)
+  for step in range(1, 6):
+    monitor.record(step, {"loss": jnp.float32(step * 0.5), "lr": 0.1 * step})
+    if monitor.should_log_usage(step):
+      monitor.record_codebook_usage(step, jnp.array([[3, 3, 3, 3], [12, 0, 0, 0]]))
+  monitor.finish()
+  scalars = _read_scalars(tmp_path / "tensorboard" / "tokenizer_r1")
+  assert sorted(scalars) == ["tokenizer_r1/codebook0_perplexity", "tokenizer_r1/codebook0_used",
+                             "tokenizer_r1/codebook1_perplexity", "tokenizer_r1/codebook1_used",
+                             "tokenizer_r1/loss", "tokenizer_r1/lr"]
+  assert scalars["tokenizer_r1/loss"] == [(s, pytest.approx(s * 0.5)) for s in range(1, 6)]
+  assert scalars["tokenizer_r1/lr"] == [(s, pytest.approx(0.1 * s)) for s in range(1, 6)]
+  assert scalars["tokenizer_r1/codebook0_perplexity"] == [(5, pytest.approx(4.0))]
+  assert scalars["tokenizer_r1/codebook1_used"] == [(5, pytest.approx(0.25))]
+
+
+def test_codebook_usage_stats():
+  counts = np.array([[5, 5, 5, 5], [0, 7, 0, 0], [2, 2, 0, 0], [0, 0, 0, 0]])
+  used, perplexity = monitor_lib.codebook_usage_stats(counts)
+  np.testing.assert_allclose(used, [1.0, 0.25, 0.5, 0.0])
+  np.testing.assert_allclose(perplexity, [4.0, 1.0, 2.0, 0.0], rtol=1e-12)
+
+
+def test_rejects_non_positive_intervals(tmp_path):
+  with pytest.raises(ValueError, match="log_every"):
+    monitor_lib.PhaseMonitor(str(tmp_path), "p", total_steps=5, global_batch_size=2, log_every=0,
+                             usage_every=1)
+
+
+def _run_phase(workdir, steps, usage_every=None, **kwargs):
+  monitor = monitor_lib.PhaseMonitor(str(workdir), "encoder_r2", total_steps=steps,
+                                     global_batch_size=2, log_every=3,
+                                     usage_every=usage_every or steps, **kwargs)
+  for step in range(1, steps + 1):
+    monitor.record(step, {"loss": jnp.float32(100.0 / step)})
+    if usage_every and monitor.should_log_usage(step):
+      monitor.record_codebook_usage(step, jnp.array([[step, 1, 0, 0], [1, 1, 1, 1]]))
+  return monitor.finish()
+
+
+def test_finish_writes_plot_and_summary(tmp_path):
+  summary = _run_phase(tmp_path, 20, usage_every=10)
+  path = tmp_path / "plots" / "encoder_r2.png"
+  assert summary["plot"] == str(path)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert matplotlib.image.imread(path).shape[:2] == (400, 1200)  # Loss and usage panels.
+  assert os.listdir(tmp_path / "plots") == ["encoder_r2.png"]
+  assert summary["steps"] == 20
+  assert summary["final_loss"] == pytest.approx(5.0)
+  assert summary["mean_loss_last_10pct"] == pytest.approx((100 / 19 + 100 / 20) / 2)
+  assert summary["samples_per_s"] > 0 and summary["steady_samples_per_s"] > 0
+  assert summary["codebook_usage"]["fraction_used"] == [0.5, 1.0]
+  assert summary["codebook_usage"]["perplexity"][1] == pytest.approx(4.0)
+
+
+def test_finish_without_usage_flushes_and_plots_loss_only(tmp_path):
+  summary = _run_phase(tmp_path, 4)  # Step 4 is not a log step: finish() flushes it.
+  assert matplotlib.image.imread(tmp_path / "plots" / "encoder_r2.png").shape[:2] == (400, 600)
+  assert summary["codebook_usage"] is None
+  assert summary["final_loss"] == pytest.approx(25.0)
+  assert summary["steps"] == 4
+
+
+def test_write_summary_converts_values_atomically(tmp_path):
+  summary = {"encoder_r1": {"final_loss": np.float32(1.5), "steps": np.int64(7),
+                            "perplexity": np.array([1.0, 2.5]), "lr": jnp.float32(0.25),
+                            "diverged": float("nan"), "shape": (2, 3)}}
+  path = monitor_lib.write_summary(str(tmp_path), summary)
+  assert os.listdir(tmp_path) == ["summary.json"]
+  text = open(path, encoding="utf-8").read()
+  assert "\n  " in text  # Pretty-printed.
+  assert json.loads(text) == {"encoder_r1": {"final_loss": 1.5, "steps": 7,
+                                             "perplexity": [1.0, 2.5], "lr": 0.25,
+                                             "diverged": None, "shape": [2, 3]}}
+
+
+def test_non_writer_writes_no_files(tmp_path):
+  summary = _run_phase(tmp_path, 6, usage_every=3, is_writer=False)
+  assert not os.listdir(tmp_path)
+  assert summary["plot"] is None
+  assert summary["final_loss"] == pytest.approx(100 / 6)

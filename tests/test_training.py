@@ -1,0 +1,216 @@
+"""The training engine: losses fall, frozen parts stay frozen, sharding, checkpoints, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bridle_jax import driver
+from bridle_jax import main as main_lib
+from bridle_jax.data import demo
+from configs import audio as audio_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return demo.write_demo_corpus(tmp_path_factory.mktemp("corpus"), clips_per_class=8,
+                                eval_clips_per_class=1)
+
+
+def _config(corpus, workdir, rounds=("encoder", "tokenizer"), steps=16, **mesh):
+  config = audio_config.get_config("demo")
+  config.data.demo_dir = ""
+  config.data.manifest = corpus["train"]
+  config.data.label_csv = corpus["label_csv"]
+  config.rounds = rounds
+  for kind in ("encoder", "tokenizer", "joint"):
+    config[f"{kind}_phase"].steps = steps
+  config.mesh.update(mesh)
+  main_lib.prepare(config, str(workdir))
+  return config
+
+
+def _train(trainer, run, num_steps):
+  """Runs `num_steps` steps of a set-up phase; returns the losses."""
+  losses = []
+  for step in range(num_steps):
+    batch = trainer.device_batch(run.next_batch())
+    run.state, metrics, _ = run.step_fn(step)(run.state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _assert_trees_differ(a, b):
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_losses_fall_and_frozen_parts_stay_frozen(corpus, tmp_path):
+  config = _config(corpus, tmp_path, rounds=("encoder", "tokenizer", "joint"), steps=30)
+  trainer = driver.Trainer(config, str(tmp_path))
+  encoder, tokenizer, joint = driver.phases(config)
+
+  run = trainer.setup_phase(encoder, None)
+  assert run.cold_start
+  tokenizer_before = _host((run.state.params["tokenizer"], run.state.codebooks))
+  encoder_before = _host(run.state.params["encoder"])
+  losses = _train(trainer, run, 30)
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
+  _assert_trees_equal(tokenizer_before, _host((run.state.params["tokenizer"], run.state.codebooks)))
+  _assert_trees_differ(encoder_before, _host(run.state.params["encoder"]))
+
+  run = trainer.setup_phase(tokenizer, _host_handoff(run))
+  assert not run.cold_start
+  encoder_before = _host((run.state.params["encoder"], run.state.params["decoder"]))
+  tokenizer_before = _host((run.state.params["tokenizer"], run.state.codebooks.codebooks))
+  losses = _train(trainer, run, 30)
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
+  _assert_trees_equal(encoder_before,
+                      _host((run.state.params["encoder"], run.state.params["decoder"])))
+  _assert_trees_differ(tokenizer_before,
+                       _host((run.state.params["tokenizer"], run.state.codebooks.codebooks)))
+
+  run = trainer.setup_phase(joint, _host_handoff(run))
+  losses = _train(trainer, run, 30)
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
+
+
+def _host_handoff(run):
+  return {"params": run.state.params, "codebooks": run.state.codebooks}
+
+
+def _short_run(corpus, workdir, devices, num_steps=3, **mesh):
+  """Cold-start encoder then tokenizer steps; returns losses and final codebooks."""
+  config = _config(corpus, workdir, **mesh)
+  trainer = driver.Trainer(config, str(workdir), devices=devices)
+  encoder, tokenizer = driver.phases(config)
+  run = trainer.setup_phase(encoder, None)
+  losses = _train(trainer, run, num_steps)
+  run = trainer.setup_phase(tokenizer, _host_handoff(run))
+  losses += _train(trainer, run, num_steps)
+  return np.array(losses), _host(run.state.codebooks.codebooks), run.state
+
+
+@pytest.fixture(scope="module")
+def one_device_run(corpus, tmp_path_factory):
+  losses, codebooks, _ = _short_run(corpus, tmp_path_factory.mktemp("one"), jax.devices()[:1])
+  return losses, codebooks
+
+
+@pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=4)], ids=["dp8", "dp2_fsdp4"])
+def test_eight_devices_match_one(corpus, one_device_run, tmp_path, mesh):
+  losses_1, codebooks_1 = one_device_run
+  losses_8, codebooks_8, state_8 = _short_run(corpus, tmp_path / "eight", jax.devices(), **mesh)
+  np.testing.assert_allclose(losses_8, losses_1, rtol=2e-4)
+  np.testing.assert_allclose(codebooks_8, codebooks_1, atol=2e-5)
+  kernel = state_8.params["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+  assert len(kernel.sharding.device_set) == 8
+  if mesh.get("fsdp", 1) > 1:
+    assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // mesh["fsdp"]
+
+
+def test_checkpoint_round_trip_restores_state_and_data_position(corpus, tmp_path):
+  config = _config(corpus, tmp_path, rounds=("tokenizer",))
+  phase, = driver.phases(config)
+  trainer = driver.Trainer(config, str(tmp_path))
+  run = trainer.setup_phase(phase, None)
+  _train(trainer, run, 4)
+  run.checkpointer.save(4, run.state, run.iterator.get_state(), force=True)
+  run.checkpointer.wait()
+  saved = _host(run.state)
+  upcoming = [run.next_batch() for _ in range(3)]
+
+  resumed = driver.Trainer(config, str(tmp_path)).setup_phase(phase, None)
+  assert int(resumed.state.step) == 4
+  _assert_trees_equal(saved, _host(resumed.state))
+  for want in upcoming:
+    got = resumed.next_batch()
+    np.testing.assert_array_equal(got["waveform"], want["waveform"])
+
+
+def _cli(workdir, corpus, *overrides):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  args = [sys.executable, "-m", "bridle_jax.main", "--config=configs/audio.py:demo",
+          f"--workdir={workdir}", "--config.data.demo_dir=",
+          f"--config.data.manifest={corpus['train']}",
+          f"--config.data.label_csv={corpus['label_csv']}",
+          "--config.rounds=('encoder','tokenizer')", "--config.encoder_phase.steps=12",
+          "--config.tokenizer_phase.steps=12", "--config.checkpoint_every=4",
+          "--config.log_every=4", "--config.usage_every=4", *overrides]
+  return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  process = _cli(workdir, corpus)
+  _, stderr = process.communicate(timeout=600)
+  assert process.returncode == 0, stderr[-3000:]
+  return workdir
+
+
+def test_demo_run_leaves_checkpoints_events_plots_and_summary(uninterrupted):
+  summary = json.loads((uninterrupted / "summary.json").read_text())
+  assert list(summary["phases"]) == ["p1_encoder", "p2_tokenizer"]
+  assert summary["phases"]["p1_encoder"]["cold_start"]
+  for phase_id in summary["phases"]:
+    assert (uninterrupted / "plots" / f"{phase_id}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(uninterrupted / "tensorboard" / phase_id)
+    assert sorted(os.listdir(uninterrupted / "checkpoints" / phase_id)) == ["12", "4", "8"]
+    assert os.listdir(uninterrupted / "checkpoints" / f"{phase_id}_final") == ["12"]
+  progress = json.loads((uninterrupted / "progress.json").read_text())
+  assert progress["completed"] == ["p1_encoder", "p2_tokenizer"]
+
+
+def test_init_from_starts_from_another_workdirs_last_phase(corpus, uninterrupted, tmp_path):
+  config = _config(corpus, tmp_path, rounds=("encoder",))
+  config.init_from = str(uninterrupted)
+  trainer = driver.Trainer(config, str(tmp_path))
+  phase, = driver.phases(config)
+  start = trainer._starting_point(phase)  # pylint: disable=protected-access
+  final = trainer.load_handoff(str(uninterrupted / "checkpoints" / "p2_tokenizer_final"))
+  _assert_trees_equal(_host(start), _host(final))
+  run = trainer.setup_phase(phase, start)
+  _assert_trees_equal(_host(run.state.params), _host(final["params"]))
+  _assert_trees_equal(_host(run.state.codebooks), _host(final["codebooks"]))
+
+
+def _wait_for(path, timeout=300):
+  deadline = time.time() + timeout
+  while not os.path.exists(path):
+    assert time.time() < deadline, f"{path} never appeared"
+    time.sleep(0.05)
+
+
+@pytest.mark.parametrize("kill_after", ["p1_encoder/4", "p2_tokenizer/8"])
+def test_killed_run_resumes_to_the_same_result(corpus, uninterrupted, tmp_path, kill_after):
+  process = _cli(tmp_path, corpus)
+  _wait_for(tmp_path / "checkpoints" / kill_after)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not (tmp_path / "summary.json").exists()
+  process = _cli(tmp_path, corpus)
+  _, stderr = process.communicate(timeout=600)
+  assert process.returncode == 0, stderr[-3000:]
+  assert "resumed at step" in stderr
+  want = json.loads((uninterrupted / "summary.json").read_text())["phases"]
+  got = json.loads((tmp_path / "summary.json").read_text())["phases"]
+  for phase_id in want:
+    assert got[phase_id]["final_loss"] == pytest.approx(want[phase_id]["final_loss"], rel=1e-6)
+    assert got[phase_id]["codebook_usage"] == want[phase_id]["codebook_usage"]
