@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 from absl import logging
 
+from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
 from bridle_jax.models import quantizer
@@ -47,10 +48,6 @@ def _trains_tokenizer(kinds) -> bool:
   return any(kind in ("tokenizer", "joint") for kind in kinds)
 
 
-def _handoff_dir(workdir: str, phase_id: str) -> str:
-  return os.path.join(workdir, "checkpoints", f"{phase_id}_final")
-
-
 def _fresh_state_fn(models, groups, tx):
   """rng -> the annotated initial state of a phase with fresh params and codebooks."""
   def fresh(rng):
@@ -76,11 +73,10 @@ class Trainer:
     self.source = sources.open_source(config.data)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)
-    fresh = _fresh_state_fn(self.models, (), optim.adamw_direction(config.encoder_phase))
-    abstract = jax.eval_shape(lambda r: state_lib.handoff_tree(fresh(r)), jax.random.PRNGKey(0))
+    abstract = workdir_lib.abstract_pretrained(self.models)
     self.handoff_shardings = sharding.shardings_for(abstract, self.mesh, config.sharding_rules)
     self.handoff_abstract = _with_shardings(nn.unbox(abstract), self.handoff_shardings)
-    self.init_from_phases = (checkpoint.read_progress(config.init_from).get("completed", [])
+    self.init_from_phases = (workdir_lib.finished_phases(config.init_from)
                              if config.init_from else [])
 
   def uses_cold_start(self, phase: Phase) -> bool:
@@ -91,6 +87,7 @@ class Trainer:
 
   def run(self) -> dict:
     """Runs every unfinished phase; returns the summary written to summary.json."""
+    workdir_lib.save_config(self.config, self.workdir)
     progress = checkpoint.read_progress(self.workdir)
     completed = progress.setdefault("completed", [])
     summaries = progress.setdefault("phases", {})
@@ -111,20 +108,16 @@ class Trainer:
     """The params and codebooks a phase starts from (None: fresh initialisation)."""
     if phase.index > 0:
       previous = phases(self.config)[phase.index - 1]
-      return self.load_handoff(_handoff_dir(self.workdir, previous.id))
+      return self.load_handoff(workdir_lib.final_dir(self.workdir, previous.id))
     if self.config.init_from:
       if not self.init_from_phases:
         raise ValueError(f"init_from: {self.config.init_from} holds no finished phase")
-      return self.load_handoff(_handoff_dir(self.config.init_from, self.init_from_phases[-1]))
+      last = self.init_from_phases[-1]
+      return self.load_handoff(workdir_lib.final_dir(self.config.init_from, last))
     return None
 
   def load_handoff(self, directory: str) -> dict:
-    ckpt = checkpoint.PhaseCheckpointer(directory, save_every=1, keep=1, async_save=False)
-    if ckpt.latest_step() is None:
-      raise ValueError(f"no finished phase checkpoint in {directory}")
-    tree, _ = ckpt.restore(self.handoff_abstract)
-    ckpt.close()
-    return tree
+    return workdir_lib.restore_final(directory, self.handoff_abstract)
 
   def run_phase(self, phase: Phase, handoff: dict | None):
     """Trains one phase to its end; returns (phase summary, handoff for the next)."""
@@ -149,8 +142,8 @@ class Trainer:
     run.checkpointer.close()
 
     handoff = state_lib.handoff_tree(run.state)
-    final = checkpoint.PhaseCheckpointer(_handoff_dir(self.workdir, phase.id), save_every=1,
-                                         keep=1, async_save=False)
+    final = checkpoint.PhaseCheckpointer(workdir_lib.final_dir(self.workdir, phase.id),
+                                         save_every=1, keep=1, async_save=False)
     final.save(run.total, handoff, None, force=True)
     final.close()
     summary = phase_monitor.finish()

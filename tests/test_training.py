@@ -12,6 +12,7 @@ import pytest
 
 from bridle_jax import driver
 from bridle_jax import main as main_lib
+from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import demo
 from configs import audio as audio_config
 
@@ -189,6 +190,18 @@ def test_init_from_starts_from_another_workdirs_last_phase(corpus, uninterrupted
   run = trainer.setup_phase(phase, start)
   _assert_trees_equal(_host(run.state.params), _host(final["params"]))
   _assert_trees_equal(_host(run.state.codebooks), _host(final["codebooks"]))
+
+
+def test_load_pretrained_reads_the_last_finished_phase(uninterrupted):
+  config, models, pretrained = workdir_lib.load_pretrained(str(uninterrupted))
+  assert tuple(config.rounds) == ("encoder", "tokenizer")
+  assert models.quantizer.codebook_size == config.model.quantizer.codebook_size
+  trainer_like = workdir_lib.load_pretrained(str(uninterrupted), "p2_tokenizer")[2]
+  _assert_trees_equal(_host(pretrained), _host(trainer_like))
+  first = workdir_lib.load_pretrained(str(uninterrupted), "p1_encoder")[2]
+  _assert_trees_differ(_host(first["params"]["tokenizer"]), _host(pretrained["params"]["tokenizer"]))
+  with pytest.raises(FileNotFoundError, match="not finished"):
+    workdir_lib.load_pretrained(str(uninterrupted), "p3_encoder")
 
 
 def _wait_for(path, timeout=300):

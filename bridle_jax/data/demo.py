@@ -13,12 +13,13 @@ import csv
 import io
 import json
 import os
-import tempfile
 import zlib
 from typing import Callable, NamedTuple
 
 import numpy as np
 import soundfile as sf
+
+from bridle_jax import files
 
 # Bump when the synthesis changes so corpora stamped by an older generator get rewritten.
 GENERATOR_VERSION = 1
@@ -208,18 +209,6 @@ def synthesize_clip(sound_class: SoundClass, rng: np.random.Generator, num_sampl
   return (clip * (10 ** (peak_dbfs / 20) / np.max(np.abs(clip)))).astype(np.float32)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temp file in the same directory and os.replace."""
-  fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.unlink(tmp_path)
-    raise
-
-
 def _wav_bytes(wave: np.ndarray, sample_rate: int) -> bytes:
   buffer = io.BytesIO()
   sf.write(buffer, wave, sample_rate, subtype="PCM_16", format="WAV")
@@ -293,12 +282,12 @@ def write_demo_corpus(out_dir: str, clips_per_class: int = 40, eval_clips_per_cl
         rng = clip_rng(seed, split, sound_class.mid, index)
         wave = synthesize_clip(sound_class, rng, num_samples, sample_rate)
         wav_name = f"{split}_{name}_{index:04d}.wav"
-        _write_atomic(os.path.join(audio_dir, wav_name), _wav_bytes(wave, sample_rate))
+        files.write_atomic(os.path.join(audio_dir, wav_name), _wav_bytes(wave, sample_rate))
         entries.append({"wav": f"{AUDIO_DIR_NAME}/{wav_name}", "labels": sound_class.mid,
                         "fold": index % NUM_FOLDS + 1})
-    _write_atomic(paths[split], _json_bytes({"data": entries}))
-  _write_atomic(paths["label_csv"], _label_csv_bytes())
-  _write_atomic(stamp_path, _json_bytes(stamp))
+    files.write_atomic(paths[split], _json_bytes({"data": entries}))
+  files.write_atomic(paths["label_csv"], _label_csv_bytes())
+  files.write_atomic(stamp_path, _json_bytes(stamp))
   return paths
 
 

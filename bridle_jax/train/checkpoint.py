@@ -22,13 +22,14 @@ the directory.
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from bridle_jax import files
 
 PROGRESS_FILE = "progress.json"
 _INT_KEYS = "__int_keys__"
@@ -178,18 +179,4 @@ def write_progress(workdir: str, progress: dict):
     return
   text = json.dumps(progress, indent=2, sort_keys=True)
   os.makedirs(workdir, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=workdir, prefix=".progress-", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, os.path.join(workdir, PROGRESS_FILE))
-  except BaseException:
-    os.unlink(tmp_path)
-    raise
-  dir_fd = os.open(workdir, os.O_RDONLY)
-  try:
-    os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
+  files.write_atomic(os.path.join(workdir, PROGRESS_FILE), text.encode("utf-8"), durable=True)

@@ -11,7 +11,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 
 import jax
@@ -20,6 +19,8 @@ from absl import logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
+
+from bridle_jax import files
 
 # Metrics shown at the log step itself rather than averaged over the interval.
 _POINT_METRICS = ("lr",)
@@ -50,7 +51,7 @@ def write_summary(workdir: str, summary: dict) -> str:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "summary.json")
   text = json.dumps(_to_json(summary), indent=2, allow_nan=False) + "\n"
-  _write_atomic(path, text.encode("utf-8"))
+  files.write_atomic(path, text.encode("utf-8"))
   return path
 
 
@@ -135,7 +136,7 @@ class PhaseMonitor:
       self._writer = None
       plot_path = os.path.join(self.workdir, "plots", f"{self.phase_id}.png")
       os.makedirs(os.path.dirname(plot_path), exist_ok=True)
-      _write_atomic(plot_path, self._plot_png())
+      files.write_atomic(plot_path, self._plot_png())
     losses = [loss for _, loss in self.loss_history]
     tail = losses[-max(1, math.ceil(len(losses) / 10)):]
     steady = None
@@ -243,15 +244,3 @@ def _to_json(value):
   if isinstance(value, float) and not math.isfinite(value):
     return None
   return value
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temp file in the same directory and os.replace."""
-  fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.unlink(tmp_path)
-    raise

@@ -1,0 +1,85 @@
+"""What a training run leaves in its workdir, and how later tools read it back.
+
+  config.json                    the run's config (paths expanded)
+  progress.json                  finished phases, in order
+  checkpoints/<phase>/<step>     full train state + data position (resume)
+  checkpoints/<phase>_final/     params + codebooks at the phase end (hand-off, exports)
+"""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from bridle_jax import files
+from bridle_jax.models import quantizer
+from bridle_jax.train import checkpoint
+from bridle_jax.train import state as state_lib
+
+CONFIG_FILE = "config.json"
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    files.write_atomic(os.path.join(workdir, CONFIG_FILE),
+                       config.to_json_best_effort(indent=1).encode("utf-8"))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: not found; is {workdir} a bridle_jax training workdir?")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def finished_phases(workdir: str) -> list[str]:
+  return checkpoint.read_progress(workdir).get("completed", [])
+
+
+def final_dir(workdir: str, phase_id: str) -> str:
+  return os.path.join(workdir, "checkpoints", f"{phase_id}_final")
+
+
+def abstract_pretrained(models: state_lib.Models) -> dict:
+  """Shapes of {'params', 'codebooks'} as annotated (boxed) abstract arrays."""
+  def fresh(rng):
+    params_rng, codebook_rng = jax.random.split(rng)
+    return {"params": state_lib.init_params(models, params_rng),
+            "codebooks": quantizer.init(models.quantizer, codebook_rng)}
+  return jax.eval_shape(fresh, jax.random.PRNGKey(0))
+
+
+def restore_final(directory: str, abstract: dict) -> dict:
+  """Restores {'params', 'codebooks'} from a phase's final checkpoint into `abstract`'s
+  shardings (jax.ShapeDtypeStruct leaves with .sharding)."""
+  ckpt = checkpoint.PhaseCheckpointer(directory, save_every=1, keep=1, async_save=False)
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"{directory}: no finished phase checkpoint")
+    tree, _ = ckpt.restore(abstract)
+  finally:
+    ckpt.close()
+  return tree
+
+
+def load_pretrained(workdir: str, phase_id: str | None = None):
+  """(config, models, {'params', 'codebooks'}) of a finished phase, on the default device.
+
+  phase_id defaults to the last finished phase.
+  """
+  config = load_config(workdir)
+  done = finished_phases(workdir)
+  if phase_id is None:
+    if not done:
+      raise FileNotFoundError(f"{workdir}: no finished phase (progress.json lists none)")
+    phase_id = done[-1]
+  elif phase_id not in done:
+    raise FileNotFoundError(f"{workdir}: phase {phase_id!r} is not finished (finished: {done})")
+  models = state_lib.build_models(config)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          nn.unbox(abstract_pretrained(models)))
+  return config, models, restore_final(final_dir(workdir, phase_id), abstract)
