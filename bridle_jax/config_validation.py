@@ -61,6 +61,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(0 <= d.freqm <= d.num_mel_bins, "data.freqm", f"must lie in [0, data.num_mel_bins], got {d.freqm}")
   _require(0 <= d.timem <= d.target_length, "data.timem", f"must lie in [0, data.target_length], got {d.timem}")
   _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+  _require(d.max_clip_seconds == 0 or d.max_clip_seconds * d.sample_rate >=
+           d.target_length * d.sample_rate // 100, "data.max_clip_seconds",
+           f"{d.max_clip_seconds} s is shorter than data.target_length frames (10 ms each)")
   _require(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
 
   _one_of(config, "model.dtype", DTYPES)
@@ -116,3 +119,5 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(size == -1 or size > 0, f"mesh.{axis}", f"must be -1 or > 0, got {size}")
   for field in ("checkpoint_every", "keep_checkpoints", "log_every", "usage_every"):
     _positive(config, field)
+  _require(config.max_nonfinite_updates >= 0, "max_nonfinite_updates",
+           f"must be >= 0, got {config.max_nonfinite_updates}")

@@ -11,14 +11,18 @@ progress at its last checkpoint, data position included.
 """
 import dataclasses
 import os
+import signal
+import threading
 
 import flax.linen as nn
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
+from bridle_jax.evaluate import verdict
 from bridle_jax.models import quantizer
 from bridle_jax.train import checkpoint
 from bridle_jax.train import monitor
@@ -28,6 +32,14 @@ from bridle_jax.train import state as state_lib
 from bridle_jax.train import steps
 
 BATCH_KEYS = ("waveform", "valid_frames")
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was saved and rerunning the command resumes."""
+
+
+class NonFiniteTraining(ValueError):
+  """More updates than `max_nonfinite_updates` had a non-finite loss or gradient."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +90,7 @@ class Trainer:
     self.handoff_abstract = _with_shardings(nn.unbox(abstract), self.handoff_shardings)
     self.init_from_phases = (workdir_lib.finished_phases(config.init_from)
                              if config.init_from else [])
+    self.preemption = PreemptionNotice()
 
   def uses_cold_start(self, phase: Phase) -> bool:
     """An encoder phase with no tokenizer training before it (here or in init_from)."""
@@ -87,6 +100,10 @@ class Trainer:
 
   def run(self) -> dict:
     """Runs every unfinished phase; returns the summary written to summary.json."""
+    if os.path.exists(os.path.join(self.workdir, workdir_lib.CONFIG_FILE)):
+      workdir_lib.check_compatible(self.config, self.workdir)
+    if self.config.init_from:
+      workdir_lib.check_compatible(self.config, self.config.init_from, fields=("model",))
     workdir_lib.save_config(self.config, self.workdir)
     progress = checkpoint.read_progress(self.workdir)
     completed = progress.setdefault("completed", [])
@@ -136,8 +153,16 @@ class Trainer:
       phase_monitor.record(step, metrics)
       if phase_monitor.should_log_usage(step):
         phase_monitor.record_codebook_usage(step, counts)
-      if run.checkpointer.should_save(step) or step == run.total:
+      due_save = run.checkpointer.should_save(step) or step == run.total
+      if due_save or phase_monitor.should_log(step):
+        self._check_finite(run)
+      if due_save:
         run.checkpointer.save(step, run.state, run.iterator.get_state(), force=step == run.total)
+      if self.preemption.requested(step):
+        run.checkpointer.save(step, run.state, run.iterator.get_state(), force=True)
+        run.checkpointer.wait()
+        raise Preempted(f"{phase.id}: preempted at step {step}/{run.total}; checkpoint saved, "
+                        "rerun the same command to resume")
     run.checkpointer.wait()
     run.checkpointer.close()
 
@@ -216,6 +241,14 @@ class Trainer:
                     encoder_only_step=encoder_only_step,
                     tokenizer_every=phase_config.get("tokenizer_every", 1))
 
+  def _check_finite(self, run: "PhaseRun") -> None:
+    skipped = int(run.state.skipped_updates)
+    if skipped > self.config.max_nonfinite_updates:
+      raise NonFiniteTraining(
+          f"{run.phase.id}: {skipped} updates had a non-finite loss or gradient "
+          f"(max_nonfinite_updates={self.config.max_nonfinite_updates}); stopped, the last "
+          "checkpoint holds the last good state")
+
   def _initial_state(self, phase, fresh, rng, handoff, groups, tx, shardings, cold_start):
     """Step 0 of a phase: handed-over params (or fresh ones), fresh optimizer."""
     if handoff is None:
@@ -236,6 +269,28 @@ class Trainer:
   def device_batch(self, host_batch: dict) -> dict:
     """The step's inputs of a host batch, as global arrays sharded over the batch axes."""
     return pipeline.to_device_batch({k: host_batch[k] for k in BATCH_KEYS}, self.batch_sharding)
+
+
+class PreemptionNotice:
+  """Turns SIGTERM (the preemption notice of TPU and cloud schedulers) into a flag.
+
+  On several hosts, jax's preemption sync point makes all of them agree on the step.
+  """
+
+  def __init__(self):
+    self._received = False
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after this step")
+    self._received = True
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._received
 
 
 @dataclasses.dataclass
@@ -265,5 +320,13 @@ class PhaseRun:
 
 
 def train(config, workdir: str) -> dict:
-  """Runs (or resumes) every phase of `config.rounds` in `workdir`."""
-  return Trainer(config, workdir).run()
+  """Runs (or resumes) every phase of `config.rounds` in `workdir`.
+
+  A demo run (`data.demo_dir` set) ends with a verdict: a probe of the pretrained
+  encoder against a randomly initialised one, merged into summary.json.
+  """
+  summary = Trainer(config, workdir).run()
+  if config.data.demo_dir:
+    summary.update(verdict.run_verdict(config, workdir))
+    monitor.write_summary(workdir, summary)
+  return summary

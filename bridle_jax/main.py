@@ -4,11 +4,13 @@
   python -m bridle_jax.main --config=configs/audio.py --workdir=DIR \
       --config.data.manifest=train.json --config.data.label_csv=labels.csv
 
-`--config.a.b=value` overrides any config field. Modes:
+`--config.a.b=value` overrides any config field. Modes (--mode, default `config.mode`):
   train  run (or resume) every phase of `config.rounds`; checkpoints, TensorBoard
          events, plots and summary.json go to the workdir.
   data   build the input pipeline from the config and report batch shapes, label
          statistics, skipped clips and host throughput (check a manifest with it).
+  finetune, probe
+         fine-tune or linear-probe a pretrained encoder (configs/finetune_audio.py).
 """
 import json
 import logging as std_logging
@@ -22,12 +24,15 @@ from ml_collections import config_flags
 
 from bridle_jax import config_validation
 from bridle_jax import driver
+from bridle_jax import files
 from bridle_jax.data import report
 from bridle_jax.data import demo
+from bridle_jax.evaluate import finetune
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/audio.py:demo.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "data"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", None, ["train", "data", "finetune", "probe"],
+                          "What to run (default: config.mode).")
 _DATA_BATCHES = flags.DEFINE_integer("data_batches", 20, "Batches read by --mode=data.")
 
 _PATH_FIELDS = ("demo_dir", "manifest", "label_csv")
@@ -38,6 +43,35 @@ class _LibraryInfoFilter(std_logging.Filter):
 
   def filter(self, record):
     return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def _parse_flags(argv):
+  """absl flag parsing whose errors (bad override, unknown field, bad file) are one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError) as e:  # an override names a field the config lacks
+    name = str(e).strip("\"'")
+    culprit = [a for a in argv if a.startswith("--config.") and f".{name}=" in a + "="]
+    _fail(f"unknown config field {name!r}" + (f" in {culprit[0]}" if culprit else ""))
+  except (OSError, ValueError, SyntaxError) as e:
+    _fail(f"cannot load the config: {e}")
+
+
+def _fail(message: str, code: int = 2):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _check_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    files.write_atomic(probe, b"")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f"workdir {workdir} is not writable: {e.strerror or e}") from e
 
 
 def prepare(config, workdir: str) -> None:
@@ -60,19 +94,24 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   try:
-    os.makedirs(workdir, exist_ok=True)
+    _check_writable(workdir)
     prepare(config, workdir)
-    if _MODE.value == "data":
+    mode = _MODE.value or config.get("mode", "train")
+    if mode == "data":
       result = report.run_data_report(config, _DATA_BATCHES.value)
+    elif mode in ("finetune", "probe"):
+      result = finetune.run(config, workdir, mode)
     else:
       result = driver.train(config, workdir)
     print(json.dumps(result, indent=1, default=str))
+  except driver.Preempted as e:
+    logging.warning("%s", e)
+    _fail(str(e), code=143)
   except (ValueError, OSError) as e:  # ConfigError and DataError are ValueErrors
     logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -18,6 +18,9 @@ from bridle_jax.train import checkpoint
 from bridle_jax.train import state as state_lib
 
 CONFIG_FILE = "config.json"
+# Fields that fix the shapes of what a checkpoint holds; a resumed or `init_from` run
+# must agree with the run that wrote it on these.
+SHAPE_FIELDS = ("model", "data.target_length", "data.num_mel_bins")
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -33,6 +36,36 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path}: not found; is {workdir} a bridle_jax training workdir?")
   with open(path, encoding="utf-8") as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+  if isinstance(tree, dict):
+    flat = {}
+    for key, value in tree.items():
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+  return {prefix[:-1]: tree}
+
+
+def check_compatible(config: ml_collections.ConfigDict, workdir: str,
+                     fields=SHAPE_FIELDS) -> None:
+  """Raises ValueError naming the first of `fields` where `workdir`'s saved config differs."""
+  saved = json.loads(load_config(workdir).to_json_best_effort())
+  current = json.loads(config.to_json_best_effort())
+  for field in fields:
+    want, got = _flatten(_lookup(saved, field), field + "."), _flatten(_lookup(current, field),
+                                                                       field + ".")
+    for key in sorted(set(want) | set(got)):
+      if want.get(key) != got.get(key):
+        raise ValueError(f"{workdir} holds a run with a different config: {key} is "
+                         f"{want.get(key)!r} there and {got.get(key)!r} now; use another "
+                         f"--workdir (or --config.init_from to start from that run)")
+
+
+def _lookup(tree: dict, field: str):
+  for part in field.split("."):
+    tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+  return tree
 
 
 def finished_phases(workdir: str) -> list[str]:

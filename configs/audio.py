@@ -52,6 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   d.num_workers = 8            # grain worker processes per host (0: in-process)
   d.prefetch = 2               # per-worker buffer, in batches
   d.multi_label = True
+  d.max_clip_seconds = 60.0    # decode at most this much of a clip (0: all of it)
 
   # ---- model ----
   c.model = m = ml_collections.ConfigDict()
@@ -110,6 +111,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.log_every = 50
   c.usage_every = 500              # codebook usage (fraction used, perplexity)
+  c.max_nonfinite_updates = 20     # per phase; past it the run stops (skipped steps count)
 
   if arg == "demo":
     _shrink_for_demo(c)

@@ -166,6 +166,15 @@ def test_bad_clips_are_counted_in_a_shuffled_stream(clips, tmp_path):
   assert 2 * num_bad <= skipped <= 3 * num_bad
 
 
+def test_a_manifest_of_only_unreadable_clips_stops_with_an_error(tmp_path):
+  source = ListSource({"path": str(tmp_path / f"gone{i}.wav"), "audio": b"",
+                       "labels": np.array([0], np.int32), "fold": -1} for i in range(6))
+  ds = pipeline.build_dataset(source, _data_config(), global_batch_size=2, seed=0,
+                              process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="6 clips in a row could not be read"):
+    next(iter(ds))
+
+
 def test_batch_must_split_over_hosts(clips):
   with pytest.raises(ValueError, match="not divisible"):
     pipeline.build_dataset(clips, _data_config(), global_batch_size=5, seed=0, process_index=0,

@@ -9,6 +9,7 @@ normalises exactly as the reference does.
 """
 import functools
 import io
+import math
 import os
 from typing import Optional, Tuple, Union
 
@@ -74,7 +75,7 @@ def num_samples_for_frames(frames: int, sample_rate: int = 16000) -> int:
 
 
 def load_audio(source: Union[str, os.PathLike, bytes], target_sr: int = 16000,
-               name: Optional[str] = None) -> np.ndarray:
+               name: Optional[str] = None, max_seconds: Optional[float] = None) -> np.ndarray:
   """Decodes a clip to a mono, DC-free float32 waveform at `target_sr`.
 
   Args:
@@ -82,6 +83,8 @@ def load_audio(source: Union[str, os.PathLike, bytes], target_sr: int = 16000,
       libsndfile reads).
     target_sr: output sample rate; other rates are resampled with soxr 'HQ'.
     name: how errors refer to the clip; defaults to the path, or "<bytes>".
+    max_seconds: decode at most this much from the start (bounds the work and memory
+      of a very long clip; training crops to its target length anyway).
 
   Returns:
     (T,) float32 waveform; PCM input is scaled to [-1, 1].
@@ -98,7 +101,10 @@ def load_audio(source: Union[str, os.PathLike, bytes], target_sr: int = 16000,
       raise AudioDecodeError(name, "file not found")
     handle = source
   try:
-    data, sample_rate = sf.read(handle, dtype="float32", always_2d=True)
+    with sf.SoundFile(handle) as f:
+      sample_rate = f.samplerate
+      frames = -1 if not max_seconds else int(math.ceil(max_seconds * sample_rate))
+      data = f.read(frames=frames, dtype="float32", always_2d=True)
   except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as e:
     reason = getattr(e, "error_string", None) or str(e)
     raise AudioDecodeError(name, f"cannot decode audio ({reason})") from e

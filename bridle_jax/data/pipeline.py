@@ -34,9 +34,11 @@ class ClipLoader:
   roll_mag_gain_only: bool = False
   mixup: float = 0.0
   mixup_alpha: float = 10.0
+  max_clip_seconds: float = 0.0
 
   def _decode(self, record: dict, rng: np.random.Generator) -> np.ndarray:
-    wave = audio.load_audio(record["audio"] or record["path"], self.sample_rate, name=record["path"])
+    wave = audio.load_audio(record["audio"] or record["path"], self.sample_rate,
+                            name=record["path"], max_seconds=self.max_clip_seconds)
     if self.roll_mag_aug:
       wave = augment.roll_mag(wave, rng, gain_only=self.roll_mag_gain_only)
     return wave
@@ -75,6 +77,10 @@ class _SkipBadClipsIterator(grain.DatasetIterator):
   training streams are infinite, so there every bad clip is counted.
   """
 
+  def __init__(self, parent, max_consecutive: int):
+    super().__init__(parent)
+    self._max_consecutive = max_consecutive
+
   def __next__(self):
     skipped = 0
     while True:
@@ -83,6 +89,9 @@ class _SkipBadClipsIterator(grain.DatasetIterator):
         example["skipped"] = np.int32(skipped)
         return example
       skipped += 1
+      if skipped >= self._max_consecutive:
+        raise ValueError(f"data.manifest: {skipped} clips in a row could not be read (last: "
+                         f"{example['bad']}); check the manifest's paths")
 
   def get_state(self):
     return self._parent.get_state()
@@ -92,10 +101,18 @@ class _SkipBadClipsIterator(grain.DatasetIterator):
 
 
 class SkipBadClips(grain.IterDataset):
-  """Skips clips that `ClipLoader` could not decode, counting them in 'skipped'."""
+  """Skips clips that `ClipLoader` could not decode, counting them in 'skipped'.
+
+  `max_consecutive` unreadable clips in a row stop the stream with an error: the
+  manifest points at the wrong place, and skipping would otherwise never end.
+  """
+
+  def __init__(self, parent, max_consecutive: int):
+    super().__init__(parent)
+    self._max_consecutive = max_consecutive
 
   def __iter__(self):
-    return _SkipBadClipsIterator(self._parent.__iter__())
+    return _SkipBadClipsIterator(self._parent.__iter__(), self._max_consecutive)
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -121,14 +138,15 @@ def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int
       target_length=data_config.target_length,
       roll_mag_aug=train and data_config.roll_mag_aug,
       roll_mag_gain_only=data_config.roll_mag_gain_only,
-      mixup=data_config.mixup if train else 0.0, mixup_alpha=data_config.mixup_alpha)
+      mixup=data_config.mixup if train else 0.0, mixup_alpha=data_config.mixup_alpha,
+      max_clip_seconds=data_config.get("max_clip_seconds", 0.0))
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if len(ds) < batch and train:
     raise ValueError(f"host shard holds {len(ds)} clips, fewer than one batch of {batch}")
   if train:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs).random_map(loader, seed=seed)
-  ds = SkipBadClips(ds.to_iter_dataset())
+  ds = SkipBadClips(ds.to_iter_dataset(), max_consecutive=min(len(source), 1000))
   ds = ds.batch(batch, drop_remainder=train)
   if data_config.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(

@@ -83,6 +83,7 @@ class TrainState:
   opt_state: dict                        # group name -> optax state of that group's params
   codebooks: quantizer.CodebookState
   rng: jax.Array
+  skipped_updates: jax.Array             # steps whose loss or gradient was not finite
 
 
 def group_params(params: dict, group: str) -> dict:
@@ -95,7 +96,7 @@ def new_state(params: dict, codebooks: quantizer.CodebookState, groups: tuple[st
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       opt_state={g: tx.init(group_params(params, g)) for g in groups},
-      codebooks=codebooks, rng=rng)
+      codebooks=codebooks, rng=rng, skipped_updates=jnp.zeros((), jnp.int32))
 
 
 def handoff_tree(state: TrainState) -> dict:

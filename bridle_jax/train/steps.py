@@ -125,9 +125,16 @@ def train_step(state: TrainState, batch: dict, *, models: Models, loss_fn: Calla
   codebooks = state.codebooks
   if update_codebooks:
     codebooks = quantizer.ema_update(models.quantizer, codebooks, stats)
-  metrics.update(lr=lr, grad_norm=optim.global_norm(grads))
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            codebooks=codebooks, rng=rng)
+  grad_norm = optim.global_norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  # A non-finite loss or gradient leaves params, optimizer and codebooks untouched.
+  keep_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  metrics.update(lr=lr, grad_norm=grad_norm)
+  new_state = state.replace(
+      step=state.step + 1, rng=rng,
+      params=keep_finite(params, state.params), opt_state=keep_finite(opt_state, state.opt_state),
+      codebooks=keep_finite(codebooks, state.codebooks),
+      skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
   return new_state, metrics, stats.counts
 
 

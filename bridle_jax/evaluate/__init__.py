@@ -1,0 +1,1 @@
+"""Downstream evaluation: fine-tuning, linear probes, metrics, embeddings and the demo verdict."""

@@ -1,0 +1,249 @@
+"""Embeddings from a pretrained encoder: a Python API and a CLI that embeds a whole manifest.
+
+The encoder runs without masking on the clip's fbank, exactly as in pretraining (the
+pretraining config's sample rate, mel bins, frame count and normalisation); patch embeddings
+are its final-norm outputs at the patch tokens (CLS dropped), pooled embeddings their mean.
+Clips longer than `target_length` frames are cut to their start, shorter ones zero-padded.
+
+  from bridle_jax.evaluate import embeddings
+  embedder = embeddings.Embedder.from_workdir("/runs/bridle")        # last finished phase
+  out = embedder.embed_waveforms([wave_a, wave_b], sample_rate=44100)  # numpy, resampled
+  out["patch"]   # (B, L, D) float32
+  out["pooled"]  # (B, D) float32
+  out = embedder.embed_files(["a.wav", "b.flac"])                     # + out["failed"]
+
+  python -m bridle_jax.evaluate.embeddings --workdir=PRETRAIN_WORKDIR --manifest=M.json \
+      --label_csv=class_labels_indices.csv --output=emb.npz [--patch]
+
+The npz holds, in manifest order: `pooled` (N, D) float32, `patch` (N, L, D) with --patch,
+`labels` (N, C) uint8 multi-hot, `paths` (N,), `class_names` (C,) and `failed`, the indices of
+clips that could not be read. A failed clip keeps its row, filled with NaN, so row i is always
+entry i; each one is logged and they are counted in the printed report. Output is
+deterministic: the same inputs give the same file.
+"""
+import argparse
+import concurrent.futures
+import io
+import json
+import os
+from typing import Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import soxr
+from absl import logging
+
+from bridle_jax import files
+from bridle_jax import workdir as workdir_lib
+from bridle_jax.data import audio
+from bridle_jax.data import sources
+from bridle_jax.models import classifier
+from bridle_jax.models import vit
+
+DEFAULT_BATCH_SIZE = 32
+DECODE_THREADS = 4
+
+
+def prepare_waveform(waveform, sample_rate: int, target_sr: int) -> np.ndarray:
+  """(T,) or (T, channels) samples at `sample_rate` -> mono, DC-free float32 at `target_sr`."""
+  wave = np.asarray(waveform, np.float32)
+  if wave.ndim == 2:
+    wave = wave.mean(axis=1, dtype=np.float32)
+  if wave.ndim != 1 or wave.size == 0:
+    raise ValueError(f"expected a non-empty (T,) or (T, channels) waveform, got {wave.shape}")
+  if sample_rate != target_sr:
+    wave = soxr.resample(wave, sample_rate, target_sr, quality="HQ")
+  return (wave - wave.mean()).astype(np.float32)
+
+
+def clip_batches(source: Sequence[dict], data_config, batch_size: int
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]]:
+  """Decodes `source` in order: (indices, waveforms, valid_frames, failed indices) per batch.
+
+  Unreadable clips are logged and reported in `failed`; their waveform rows are zeros.
+  """
+  def load(index):
+    record = source[index]
+    try:
+      wave = audio.load_audio(record["audio"] or record["path"], data_config.sample_rate,
+                              name=record["path"])
+    except audio.AudioDecodeError as e:
+      logging.warning("Unreadable clip %d: %s", index, e)
+      return None
+    return audio.pad_or_crop(wave, data_config.target_length, data_config.sample_rate)
+
+  silence = (np.zeros(audio.num_samples_for_frames(data_config.target_length,
+                                                   data_config.sample_rate), np.float32), 0)
+  with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
+    for start in range(0, len(source), batch_size):
+      indices = np.arange(start, min(start + batch_size, len(source)))
+      loaded = list(pool.map(load, indices))
+      failed = [int(i) for i, clip in zip(indices, loaded) if clip is None]
+      clips = [silence if clip is None else clip for clip in loaded]
+      yield (indices, np.stack([wave for wave, _ in clips]),
+             np.asarray([valid for _, valid in clips], np.int32), failed)
+
+
+def random_encoder_params(model_config, data_config, rng: jax.Array) -> dict:
+  """Freshly initialised encoder params (unboxed) for the data config's input size."""
+  encoder = vit.encoder_from_config(model_config, classifier.input_grid(model_config, data_config))
+  x = jnp.zeros((1, data_config.target_length, data_config.num_mel_bins), jnp.float32)
+  return nn.unbox(encoder.init(rng, x)["params"])
+
+
+class Embedder:
+  """Runs a pretrained encoder (unmasked) on waveforms; batches are padded to `batch_size`."""
+
+  def __init__(self, model_config, data_config, encoder_params: dict,
+               batch_size: int = DEFAULT_BATCH_SIZE):
+    self.data = data_config
+    self.encoder = vit.encoder_from_config(model_config,
+                                           classifier.input_grid(model_config, data_config))
+    self.params = encoder_params
+    self.batch_size = batch_size
+    self._forward = jax.jit(self._embed_batch)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, phase_id: str | None = None,
+                   target_length: int | None = None,
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> "Embedder":
+    """The encoder of a finished phase (default: the last) of a pretraining workdir.
+
+    `target_length` (frames) replaces the pretraining clip length; the fixed pos table is
+    then computed for the new patch grid.
+    """
+    config, _, tree = workdir_lib.load_pretrained(workdir, phase_id)
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    if target_length:
+      if target_length % config.model.patch_size:
+        raise ValueError(f"target_length {target_length} is not a multiple of the patch size "
+                         f"{config.model.patch_size}")
+      data.target_length = target_length
+    return cls(config.model, data, tree["params"]["encoder"], batch_size)
+
+  def _embed_batch(self, params, waveforms, valid_frames):
+    x = audio.features(waveforms, valid_frames, num_mel_bins=self.data.num_mel_bins,
+                       target_length=self.data.target_length, mean=self.data.mean,
+                       std=self.data.std, sample_rate=self.data.sample_rate)
+    features, _, _ = self.encoder.apply({"params": params}, x, apply_mask=False)
+    patch = features[:, 1:].astype(jnp.float32)
+    return patch, patch.mean(axis=1)
+
+  def embed_prepared(self, waveforms: np.ndarray, valid_frames: np.ndarray) -> dict:
+    """{'patch', 'pooled'} of `audio.pad_or_crop` waveforms (B, samples) and valid frames."""
+    count = len(waveforms)
+    pad = -count % self.batch_size
+    waveforms = np.concatenate([waveforms, np.zeros((pad, *waveforms.shape[1:]), np.float32)])
+    valid_frames = np.concatenate([np.asarray(valid_frames, np.int32), np.zeros(pad, np.int32)])
+    patches, pooled = [], []
+    for start in range(0, len(waveforms), self.batch_size):
+      batch = slice(start, start + self.batch_size)
+      patch, mean = jax.device_get(self._forward(self.params, waveforms[batch],
+                                                 valid_frames[batch]))
+      patches.append(patch)
+      pooled.append(mean)
+    return {"patch": np.concatenate(patches)[:count], "pooled": np.concatenate(pooled)[:count]}
+
+  def embed_waveforms(self, waveforms: Sequence[np.ndarray], sample_rate: int) -> dict:
+    """{'patch' (B, L, D), 'pooled' (B, D)} of raw waveforms at `sample_rate` (resampled)."""
+    fitted = [audio.pad_or_crop(prepare_waveform(w, sample_rate, self.data.sample_rate),
+                                self.data.target_length, self.data.sample_rate)
+              for w in waveforms]
+    return self.embed_prepared(np.stack([w for w, _ in fitted]),
+                               np.asarray([v for _, v in fitted], np.int32))
+
+  def embed_files(self, paths: Sequence[str]) -> dict:
+    """{'patch', 'pooled', 'failed'} of audio files; failed files get NaN rows."""
+    records = [{"path": os.fspath(p), "audio": b""} for p in paths]
+    return self.embed_source(records, include_patch=True)
+
+  def embed_source(self, source: Sequence[dict], include_patch: bool = False) -> dict:
+    """Embeds every record of a source in order; {'pooled', 'failed'[, 'patch']}."""
+    pooled, patches, failed = [], [], []
+    for _, waves, valid, batch_failed in clip_batches(source, self.data, self.batch_size):
+      out = self.embed_prepared(waves, valid)
+      pooled.append(out["pooled"])
+      if include_patch:
+        patches.append(out["patch"])
+      failed.extend(batch_failed)
+    result = {"pooled": np.concatenate(pooled), "failed": np.asarray(failed, np.int64)}
+    if include_patch:
+      result["patch"] = np.concatenate(patches)
+    for key in ("pooled", "patch"):
+      if key in result:
+        result[key][result["failed"]] = np.nan
+    return result
+
+
+def multi_hot_labels(source) -> np.ndarray:
+  """(N, C) uint8 multi-hot labels of a source, from its label table."""
+  values, offsets = source.label_table()
+  labels = np.zeros((len(source), len(source.class_names)), np.uint8)
+  rows = np.repeat(np.arange(len(source)), np.diff(offsets))
+  labels[rows, values] = 1
+  return labels
+
+
+def write_npz(path: str, arrays: dict) -> None:
+  """Writes `arrays` as an uncompressed npz, atomically."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  files.write_atomic(os.path.abspath(path), buffer.getvalue())
+
+
+def embed_manifest(workdir: str, manifest: str, output: str, *, label_csv: str = "",
+                   data_format: str = "json", phase_id: str | None = None,
+                   target_length: int | None = None, include_patch: bool = False,
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+  """Embeds every clip of a manifest into `output` (npz, see the module doc); returns a report."""
+  embedder = Embedder.from_workdir(workdir, phase_id, target_length, batch_size)
+  source = sources.open_source(ml_collections.ConfigDict(
+      {"format": data_format, "manifest": manifest, "label_csv": label_csv}))
+  out = embedder.embed_source(source, include_patch)
+  paths = [source[i]["path"] for i in range(len(source))]
+  arrays = {"pooled": out["pooled"], "labels": multi_hot_labels(source),
+            "paths": np.asarray(paths), "class_names": np.asarray(source.class_names),
+            "failed": out["failed"]}
+  if include_patch:
+    arrays["patch"] = out["patch"]
+  write_npz(output, arrays)
+  report = {"output": os.path.abspath(output), "clips": len(source),
+            "failed": int(len(out["failed"])),
+            "failed_paths": [paths[i] for i in out["failed"][:20]],
+            "pooled_shape": list(out["pooled"].shape)}
+  if include_patch:
+    report["patch_shape"] = list(out["patch"].shape)
+  return report
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--workdir", required=True, help="pretraining workdir")
+  parser.add_argument("--manifest", required=True,
+                      help="json manifest (or class-folder root / TFDS dir with --format)")
+  parser.add_argument("--label_csv", default="", help="class_labels_indices.csv (json format)")
+  parser.add_argument("--format", default="json", choices=sources.FORMATS)
+  parser.add_argument("--output", required=True, help="output .npz")
+  parser.add_argument("--phase", default=None, help="finished phase id (default: the last)")
+  parser.add_argument("--target_length", type=int, default=0,
+                      help="fbank frames per clip (default: the pretraining value)")
+  parser.add_argument("--patch", action="store_true", help="also write patch embeddings")
+  parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
+  args = parser.parse_args(argv)
+  try:
+    report = embed_manifest(args.workdir, args.manifest, args.output, label_csv=args.label_csv,
+                            data_format=args.format, phase_id=args.phase,
+                            target_length=args.target_length or None,
+                            include_patch=args.patch, batch_size=args.batch_size)
+  except (ValueError, OSError) as e:
+    raise SystemExit(f"error: {e}") from e
+  print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+  main()

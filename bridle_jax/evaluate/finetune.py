@@ -1,0 +1,545 @@
+"""Fine-tuning, linear probing and k-fold cross-validation of a pretrained encoder.
+
+  python -m bridle_jax.main --config=configs/finetune_audio.py:esc50 \
+      --config.init_from=PRETRAIN_WORKDIR --workdir=DIR [--config.data.manifest=...]
+
+`config.mode` (or --mode) picks what runs:
+  finetune  the whole classifier (`models.classifier`) trains with layer-wise lr decay, drop
+            path, waveform mixup, SpecAugment and optional patch masking.
+  probe     the reference linear probe: only fc_norm and head train, on the same augmented
+            stream. With `finetune.fast_probe` a logistic regression on the frozen encoder's
+            mean-pooled embeddings replaces it (`fast_probe`; seconds, for quick checks).
+
+The encoder comes from `init_from` (a pretraining workdir; `init_phase`, default its last
+finished phase), whose architecture fields replace `config.model`'s; without `init_from`
+the classifier starts from random weights (a baseline). The model is evaluated on
+`data.eval_manifest` every `finetune.eval_every_epochs` epochs and at the end; with
+`finetune.kfold` the manifest's `fold` field splits it instead: one run per fold, trained on
+the others, tested on it, and the metrics averaged. Results ("final" at the last step and
+"best" over evaluations, as the reference reports its maximum) go to summary.json;
+checkpoints/<run>/ holds resumable state (rerun the command to resume; finished runs are
+skipped), checkpoints/<run>_final the trained params.
+"""
+import copy
+import functools
+import math
+import os
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from bridle_jax import config_validation
+from bridle_jax import workdir as workdir_lib
+from bridle_jax.data import audio
+from bridle_jax.data import pipeline
+from bridle_jax.data import sources
+from bridle_jax.evaluate import embeddings
+from bridle_jax.evaluate import fast_probe
+from bridle_jax.evaluate import layer_decay
+from bridle_jax.evaluate import metrics
+from bridle_jax.models import classifier as classifier_lib
+from bridle_jax.train import checkpoint
+from bridle_jax.train import monitor
+from bridle_jax.train import optim
+from bridle_jax.train import sharding
+from bridle_jax.train import state as state_lib
+
+MODES = ("finetune", "probe")
+LOSSES = ("bce", "ce")
+PROBE_KEYS = ("fc_norm", "head")
+BATCH_KEYS = ("waveform", "valid_frames", "label")
+# config.model fields taken from the pretrained workdir.
+ARCHITECTURE_FIELDS = ("size", "width", "depth", "num_heads", "mlp_ratio", "patch_size",
+                       "pos_grid", "in_chans")
+# AST's sample weights: a clip weighs sum over its labels of WEIGHT_SCALE / (count + eps).
+WEIGHT_SCALE = 1000.0
+WEIGHT_EPS = 0.01
+
+
+@flax.struct.dataclass
+class ClassifierState:
+  """What a fine-tuning or probe step reads and returns."""
+  step: jax.Array      # optimizer steps taken
+  params: dict         # classifier params
+  opt_state: Any       # optax state of the trainable subset
+  rng: jax.Array
+
+
+class SubsetSource:
+  """The records `indices` of a source (a k-fold split), with its classes and label table."""
+
+  def __init__(self, source, indices):
+    self.source = source
+    self.indices = np.asarray(indices, np.int64)
+    self.class_names = source.class_names
+    self.label_ids = source.label_ids
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict:
+    return self.source[int(self.indices[sources.check_index(index, len(self))])]
+
+  def label_table(self) -> tuple[np.ndarray, np.ndarray]:
+    values, offsets = self.source.label_table()
+    lengths = np.diff(offsets)[self.indices]
+    new_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    take = np.repeat(offsets[self.indices] - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+    return values[take], new_offsets
+
+
+class WeightedSource:
+  """AST-style weighted sampling with replacement, as a virtual source of `length` records.
+
+  Record i is clip j with probability weights[j] / sum(weights), drawn from (seed, i) alone,
+  so the stream is deterministic, resumable and the same in every worker process.
+  """
+
+  def __init__(self, source, weights: np.ndarray, length: int, seed: int):
+    weights = np.asarray(weights, np.float64)
+    if weights.shape != (len(source),) or (weights < 0).any() or weights.sum() <= 0:
+      raise ValueError("sample weights must be one non-negative value per clip, not all zero")
+    self.source = source
+    self.class_names = source.class_names
+    self.label_ids = source.label_ids
+    self._cdf = np.cumsum(weights) / weights.sum()
+    self._length = length
+    self._seed = seed
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict:
+    index = sources.check_index(index, len(self))
+    draw = np.random.default_rng([self._seed, index]).random()
+    clip = min(int(np.searchsorted(self._cdf, draw, side="right")), len(self.source) - 1)
+    return self.source[clip]
+
+
+def sample_weights(source) -> np.ndarray:
+  """AST's per-clip weights: the sum over the clip's labels c of 1000 / (count(c) + 0.01).
+
+  Rare classes weigh more; unlabelled clips weigh 0 and are never drawn.
+  """
+  values, offsets = source.label_table()
+  counts = np.bincount(values, minlength=len(source.class_names))
+  rows = np.repeat(np.arange(len(source)), np.diff(offsets))
+  label_weight = WEIGHT_SCALE / (counts + WEIGHT_EPS)
+  return np.bincount(rows, weights=label_weight[values], minlength=len(source))
+
+
+def clip_folds(source) -> np.ndarray:
+  """The manifest `fold` of every clip (-1 where absent)."""
+  return np.asarray([source[i]["fold"] for i in range(len(source))], np.int64)
+
+
+def classification_loss(kind: str) -> Callable:
+  """(logits, soft multi-hot targets) -> mean loss: 'bce' per class (multi-label) or 'ce'."""
+  if kind == "bce":
+    return lambda logits, targets: optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+
+  def cross_entropy(logits, targets):
+    targets = targets / jnp.maximum(targets.sum(-1, keepdims=True), 1e-6)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+  return cross_entropy
+
+
+def trainable_keys(mode: str, params: dict) -> tuple[str, ...]:
+  """The top-level params a mode updates: all for finetune, fc_norm and head for probe."""
+  return PROBE_KEYS if mode == "probe" else tuple(params)
+
+
+def train_step(state: ClassifierState, batch: dict, *, model: nn.Module, features: Callable,
+               loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
+               scales: dict, trainable: tuple[str, ...]):
+  """One optimizer step on the trainable params: (state, batch) -> (state, metrics)."""
+  rng, aug_rng, dropout_rng, mask_rng = jax.random.split(state.rng, 4)
+  x = features(batch["waveform"], batch["valid_frames"], rng=aug_rng)
+  updated = {k: state.params[k] for k in trainable}
+  frozen = {k: v for k, v in state.params.items() if k not in updated}
+
+  def loss_of(params):
+    logits = model.apply({"params": {**frozen, **params}}, x, train=True,
+                         rngs={"dropout": dropout_rng, "mask": mask_rng})
+    return loss_fn(logits, batch["label"])
+
+  loss, grads = jax.value_and_grad(loss_of)(updated)
+  direction, opt_state = tx.update(grads, state.opt_state, updated)
+  direction = jax.tree.map(lambda d, s: d * s, direction, {k: scales[k] for k in trainable})
+  lr = schedule(state.step)
+  params = {**state.params, **optim.apply_direction(updated, direction, lr)}
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+  return new_state, {"loss": loss, "lr": lr, "grad_norm": optim.global_norm(grads)}
+
+
+def eval_step(params: dict, batch: dict, *, model: nn.Module, features: Callable):
+  """Logits of a batch without augmentation; labels and the row mask pass through."""
+  x = features(batch["waveform"], batch["valid_frames"], rng=None)
+  return model.apply({"params": params}, x, train=False), batch["label"], batch["mask"]
+
+
+def front_end(data_config) -> Callable:
+  """`audio.features` bound to the data config (SpecAugment when given an rng)."""
+  return functools.partial(
+      audio.features, num_mel_bins=data_config.num_mel_bins,
+      target_length=data_config.target_length, mean=data_config.mean, std=data_config.std,
+      freqm=data_config.freqm, timem=data_config.timem, sample_rate=data_config.sample_rate)
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise config_validation.ConfigError(f"{field}: {message}")
+
+
+def validate(config, mode: str) -> None:
+  """Raises ConfigError naming the first invalid fine-tuning field."""
+  ft = config.finetune
+  _require(mode in MODES, "mode", f"{mode!r} is not one of {', '.join(map(repr, MODES))}")
+  _require(ft.loss in LOSSES, "finetune.loss", f"{ft.loss!r} is not one of 'bce', 'ce'")
+  for field in ("batch_size", "epochs", "lr", "fast_probe_steps"):
+    _require(ft[field] > 0, f"finetune.{field}", f"must be > 0, got {ft[field]!r}")
+  _require(0 <= ft.warmup_epochs <= ft.epochs, "finetune.warmup_epochs", "must lie in [0, epochs]")
+  _require(ft.steps >= 0, "finetune.steps", f"must be >= 0, got {ft.steps}")
+  _require(ft.eval_every_epochs >= 1, "finetune.eval_every_epochs",
+           f"must be >= 1, got {ft.eval_every_epochs}")
+  _require(0 < ft.layer_decay <= 1, "finetune.layer_decay",
+           f"must lie in (0, 1], got {ft.layer_decay}")
+  _require(0 <= ft.drop_path < 1, "finetune.drop_path", f"must lie in [0, 1), got {ft.drop_path}")
+  for field in ("mask_t_prob", "mask_f_prob"):
+    _require(0 <= ft[field] < 1, f"finetune.{field}", f"must lie in [0, 1), got {ft[field]}")
+  _require(ft.epoch_samples >= 0, "finetune.epoch_samples", f"must be >= 0, got {ft.epoch_samples}")
+  _require(ft.kfold or bool(config.data.eval_manifest), "data.eval_manifest",
+           "is empty; set the evaluation manifest or finetune.kfold=True")
+
+
+def adopt_pretrained_architecture(config) -> None:
+  """Copies the encoder architecture of `config.init_from` into `config.model`."""
+  pretrained = workdir_lib.load_config(config.init_from).model
+  for field in ARCHITECTURE_FIELDS:
+    if config.model[field] != pretrained[field]:
+      logging.info("model.%s: %s from %s (config had %s)", field, pretrained[field],
+                   config.init_from, config.model[field])
+      config.model[field] = pretrained[field]
+
+
+def _init_phase(config) -> str:
+  done = workdir_lib.finished_phases(config.init_from)
+  phase = config.init_phase or (done[-1] if done else "")
+  if phase not in done:
+    raise FileNotFoundError(f"init_from: no finished phase {phase!r} in {config.init_from} "
+                            f"(finished: {done})")
+  return phase
+
+
+def _open_eval_source(config, train_source):
+  data = copy.deepcopy(config.data)
+  data.manifest = config.data.eval_manifest
+  eval_source = sources.open_source(data)
+  if list(eval_source.label_ids) != list(train_source.label_ids):
+    raise sources.DataError("data.eval_manifest: its classes differ from data.manifest's")
+  return eval_source
+
+
+def _splits(config, source, name: str) -> list[tuple[str, Any, Any]]:
+  """(run id, train source, eval source) of every run: `name`, or one per fold."""
+  if config.finetune.kfold:
+    return [(f"fold{fold}", SubsetSource(source, train), SubsetSource(source, test))
+            for fold, train, test in metrics.kfold_splits(clip_folds(source))]
+  return [(name, source, _open_eval_source(config, source))]
+
+
+def primary_metric(config) -> str:
+  return "mAP" if config.data.multi_label else "accuracy"
+
+
+class Finetuner:
+  """Trains and evaluates classifiers for one config: what every run (fold) shares."""
+
+  def __init__(self, config, workdir: str, mode: str, devices=None):
+    self.config = config
+    self.workdir = workdir
+    self.mode = mode
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.replicated = sharding.replicated(self.mesh)
+    self.source = sources.open_source(config.data)
+    grid = classifier_lib.input_grid(config.model, config.data)
+    self.model = classifier_lib.classifier_from_config(config.model, config.finetune, grid,
+                                                       len(self.source.class_names))
+    self.features = front_end(config.data)
+    self.tx = layer_decay.adamw_direction(config.finetune)
+    rng = jax.random.PRNGKey(config.seed)
+    self.abstract = jax.eval_shape(self._fresh_state, rng)
+    self.shardings = sharding.shardings_for(self.abstract, self.mesh, config.sharding_rules)
+    params = nn.unbox(self.abstract.params)
+    self.trainable = trainable_keys(mode, params)
+    self.scales = layer_decay.lr_scales(params, config.model.depth, config.finetune.layer_decay)
+    batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
+    self.eval_step = jax.jit(
+        functools.partial(eval_step, model=self.model, features=self.features),
+        in_shardings=(self.shardings.params, {**batch_shardings, "mask": self.batch_sharding}),
+        out_shardings=self.replicated)
+    self.encoder_params = self._pretrained_encoder() if config.init_from else None
+    self._start = jax.jit(self._start_state, out_shardings=self.shardings)
+    self._train_steps = {}  # (total, warmup) -> compiled step; equal folds share one
+
+  def _fresh_state(self, rng) -> ClassifierState:
+    """Annotated initial state: fresh classifier params, optimizer over the trainable ones."""
+    params_rng, mask_rng, state_rng = jax.random.split(rng, 3)
+    x = jnp.zeros((1, self.config.data.target_length, self.config.data.num_mel_bins))
+    params = self.model.init({"params": params_rng, "mask": mask_rng}, x)["params"]
+    trainable = trainable_keys(self.mode, params)
+    return ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=self.tx.init({k: params[k] for k in trainable}),
+                           rng=state_rng)
+
+  def _pretrained_encoder(self) -> dict:
+    """The init_from encoder params, restored straight into this mesh's shardings."""
+    config = self.config
+    phase = _init_phase(config)
+    pretrain_config = workdir_lib.load_config(config.init_from)
+    abstract = workdir_lib.abstract_pretrained(state_lib.build_models(pretrain_config))
+    shardings = sharding.shardings_for(abstract, self.mesh, config.sharding_rules)
+    tree = workdir_lib.restore_final(workdir_lib.final_dir(config.init_from, phase),
+                                     _with_shardings(nn.unbox(abstract), shardings))
+    logging.info("encoder from %s phase %s", config.init_from, phase)
+    return tree["params"]["encoder"]
+
+  def _start_state(self, encoder, rng) -> ClassifierState:
+    state = nn.unbox(self._fresh_state(rng))
+    if encoder is None:
+      return state
+    return state.replace(params=classifier_lib.with_encoder_params(state.params, encoder))
+
+  def initial_state(self, index: int) -> ClassifierState:
+    """Step 0 of run `index`: fresh classifier, pretrained encoder params when configured."""
+    return self._start(self.encoder_params,
+                       jax.random.fold_in(jax.random.PRNGKey(self.config.seed), index))
+
+  def train_step_fn(self, total: int, warmup: int) -> Callable:
+    """The compiled train step for a schedule of `total` steps with `warmup` warmup steps."""
+    if (total, warmup) not in self._train_steps:
+      ft = self.config.finetune
+      schedule = optim.warmup_cosine(ft.lr, ft.min_lr, warmup, total)
+      self._train_steps[total, warmup] = jax.jit(
+          functools.partial(train_step, model=self.model, features=self.features,
+                            loss_fn=classification_loss(ft.loss), tx=self.tx,
+                            schedule=schedule, scales=self.scales, trainable=self.trainable),
+          in_shardings=(self.shardings, {k: self.batch_sharding for k in BATCH_KEYS}),
+          out_shardings=(self.shardings, self.replicated), donate_argnums=0)
+    return self._train_steps[total, warmup]
+
+  def device_batch(self, host_batch: dict) -> dict:
+    return pipeline.to_device_batch(host_batch, self.batch_sharding)
+
+  def run(self) -> dict:
+    """Runs every unfinished run (fold); returns the summary written to summary.json."""
+    progress = checkpoint.read_progress(self.workdir)
+    results = progress.setdefault("runs", {})
+    splits = _splits(self.config, self.source, self.mode)
+    for index, (run_id, train_source, eval_source) in enumerate(splits):
+      if run_id in results:
+        logging.info("%s: already done", run_id)
+        continue
+      results[run_id] = self.train_and_evaluate(run_id, index, train_source, eval_source)
+      checkpoint.write_progress(self.workdir, progress)
+    summary = summarise(self.config, self.mode, results)
+    monitor.write_summary(self.workdir, summary)
+    return summary
+
+  def train_and_evaluate(self, run_id: str, index: int, train_source, eval_source) -> dict:
+    """Trains one classifier (resuming from its checkpoint) and evaluates it."""
+    config, ft = self.config, self.config.finetune
+    epoch_samples = ft.epoch_samples or len(train_source)
+    steps_per_epoch = epoch_samples // ft.batch_size
+    if steps_per_epoch == 0:
+      raise ValueError(f"finetune.batch_size={ft.batch_size} exceeds the {epoch_samples} clips "
+                       f"of an epoch of run {run_id}")
+    total = ft.steps or ft.epochs * steps_per_epoch
+    warmup = round(total * ft.warmup_epochs / ft.epochs)
+    eval_every = ft.eval_every_epochs * steps_per_epoch
+    train_data = train_source
+    if ft.weighted_sampler:
+      train_data = WeightedSource(train_source, sample_weights(train_source),
+                                  total * ft.batch_size, config.seed + index)
+    step_fn = self.train_step_fn(total, warmup)
+    iterator = iter(pipeline.build_dataset(train_data, config.data,
+                                           global_batch_size=ft.batch_size,
+                                           seed=config.seed + index))
+    ckpt = checkpoint.PhaseCheckpointer(os.path.join(self.workdir, "checkpoints", run_id),
+                                        save_every=config.checkpoint_every,
+                                        keep=config.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+      state, data_state = ckpt.restore(_with_shardings(nn.unbox(self.abstract), self.shardings))
+      if data_state is not None:
+        iterator.set_state(data_state)
+      logging.info("%s: resumed at step %d", run_id, int(state.step))
+    else:
+      state = self.initial_state(index)
+    evals = {int(k): v for k, v in checkpoint.read_progress(self.workdir)
+             .get("evals", {}).get(run_id, {}).items() if int(k) <= int(state.step)}
+    logging.info("%s: %s, %d steps (%d per epoch), batch %d, %d train / %d eval clips", run_id,
+                 self.mode, total, steps_per_epoch, ft.batch_size, len(train_source),
+                 len(eval_source))
+    run_monitor = monitor.PhaseMonitor(self.workdir, run_id, total, ft.batch_size,
+                                       config.log_every, config.log_every,
+                                       is_writer=jax.process_index() == 0)
+    step = int(state.step)
+    skipped = 0
+    while step < total:
+      host_batch = next(iterator)
+      skipped += int(host_batch["skipped"].sum())
+      state, step_metrics = step_fn(state, self.device_batch(
+          {k: host_batch[k] for k in BATCH_KEYS}))
+      step += 1
+      run_monitor.record(step, step_metrics)
+      if ckpt.should_save(step) or step == total:
+        ckpt.save(step, state, iterator.get_state(), force=step == total)
+      if step % eval_every == 0 or step == total:
+        self._evaluate_into(evals, run_id, step, state.params, eval_source)
+    if total not in evals:  # resumed from the last checkpoint before its evaluation
+      self._evaluate_into(evals, run_id, total, state.params, eval_source)
+    ckpt.wait()
+    ckpt.close()
+    final = checkpoint.PhaseCheckpointer(self._final_dir(run_id), save_every=1, keep=1,
+                                         async_save=False)
+    final.save(total, {"params": state.params}, None, force=True)
+    final.close()
+    key = primary_metric(config)
+    best_step = max(evals, key=lambda s: (evals[s][key], s))
+    train_summary = run_monitor.finish()
+    train_summary.update(skipped_clips=skipped)
+    return {"final": evals[total], "best": evals[best_step], "best_step": best_step,
+            "primary_metric": key, "train_clips": len(train_source),
+            "eval_clips": len(eval_source), "evals": {str(s): evals[s] for s in sorted(evals)},
+            "train": train_summary}
+
+  def _final_dir(self, run_id: str) -> str:
+    return os.path.join(self.workdir, "checkpoints", f"{run_id}_final")
+
+  def restore_final_params(self, run_id: str) -> dict:
+    """The trained classifier params of a finished run, in this mesh's shardings."""
+    abstract = _with_shardings(nn.unbox(self.abstract.params), self.shardings.params)
+    return workdir_lib.restore_final(self._final_dir(run_id), {"params": abstract})["params"]
+
+  def _evaluate_into(self, evals: dict, run_id: str, step: int, params: dict, source) -> None:
+    """Evaluates, logs, and records the result in `evals` and progress.json (for resumes)."""
+    evals[step] = self.evaluate(params, source)
+    logging.info("%s step %d eval: %s", run_id, step, _format(evals[step]))
+    progress = checkpoint.read_progress(self.workdir)
+    progress.setdefault("evals", {})[run_id] = {str(s): m for s, m in evals.items()}
+    checkpoint.write_progress(self.workdir, progress)
+
+  def evaluate(self, params: dict, source) -> dict:
+    """`metrics.classification_metrics` of the classifier over every readable clip of source."""
+    batch_size = self.config.finetune.batch_size
+    hosts = jax.process_count()
+    host_batch = pipeline.host_batch_size(batch_size, hosts)
+    # Every host runs the same number of steps; a host out of clips feeds masked padding.
+    num_batches = math.ceil(math.ceil(len(source) / hosts) / host_batch)
+    iterator = iter(pipeline.build_dataset(source, self.config.data, global_batch_size=batch_size,
+                                           seed=self.config.seed, num_epochs=1, train=False))
+    scores, labels = [], []
+    skipped = 0
+    for _ in range(num_batches):
+      batch = next(iterator, None)
+      if batch is not None:
+        skipped += int(batch["skipped"].sum())
+      logits, label, mask = jax.device_get(self.eval_step(params, self.device_batch(
+          _padded_batch(batch, host_batch, source, self.config.data))))
+      scores.append(logits[mask])
+      labels.append(label[mask])
+    result = metrics.classification_metrics(np.concatenate(scores), np.concatenate(labels))
+    result["skipped_clips"] = skipped
+    return result
+
+
+def _padded_batch(batch: dict | None, size: int, source, data_config) -> dict:
+  """The eval inputs of a (possibly partial or absent) host batch, padded to `size` rows."""
+  samples = audio.num_samples_for_frames(data_config.target_length, data_config.sample_rate)
+  num_classes = len(source.class_names)
+  rows = 0 if batch is None else len(batch["label"])
+  padded = {"waveform": np.zeros((size, samples), np.float32),
+            "valid_frames": np.zeros(size, np.int32),
+            "label": np.zeros((size, num_classes), np.float32),
+            "mask": np.arange(size) < rows}
+  if rows:
+    for key in BATCH_KEYS:
+      padded[key][:rows] = batch[key]
+  return padded
+
+
+def _format(result: dict) -> str:
+  return " | ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
+
+
+def summarise(config, mode: str, results: dict) -> dict:
+  """summary.json: every run's results and, for k-fold, the mean over folds."""
+  summary = {"mode": mode, "primary_metric": primary_metric(config), "runs": results}
+  if config.finetune.kfold:
+    summary["mean_final"] = metrics.mean_over_runs([r["final"] for r in results.values()])
+    summary["mean_best"] = metrics.mean_over_runs([r["best"] for r in results.values()])
+  return summary
+
+
+def run_fast_probe(config, workdir: str) -> dict:
+  """Logistic regression on the frozen encoder's mean-pooled embeddings (per split)."""
+  source = sources.open_source(config.data)
+  data, model_cfg = config.data, config.model
+  if config.init_from:
+    _, _, tree = workdir_lib.load_pretrained(config.init_from, _init_phase(config))
+    encoder_params = tree["params"]["encoder"]
+  else:
+    encoder_params = embeddings.random_encoder_params(model_cfg, data,
+                                                      jax.random.PRNGKey(config.seed))
+  embedder = embeddings.Embedder(model_cfg, data, encoder_params)
+  ft = config.finetune
+  results = {}
+  pooled = embedder.embed_source(source)["pooled"]
+  labels = embeddings.multi_hot_labels(source)
+  for run_id, train_source, eval_source in _splits(config, source, "fast_probe"):
+    if config.finetune.kfold:
+      train_x, train_y = pooled[train_source.indices], labels[train_source.indices]
+      eval_x, eval_y = pooled[eval_source.indices], labels[eval_source.indices]
+    else:
+      train_x, train_y = pooled, labels
+      eval_x = embedder.embed_source(eval_source)["pooled"]
+      eval_y = embeddings.multi_hot_labels(eval_source)
+    result = fast_probe.fit_and_evaluate(train_x, train_y, eval_x, eval_y,
+                                         multi_label=bool(data.multi_label),
+                                         l2=ft.fast_probe_l2, steps=ft.fast_probe_steps)
+    logging.info("%s fast probe: %s", run_id, _format(result))
+    results[run_id] = {"final": result, "best": result, "primary_metric": primary_metric(config),
+                       "train_clips": len(train_y), "eval_clips": len(eval_y)}
+  summary = summarise(config, "fast_probe", results)
+  monitor.write_summary(workdir, summary)
+  return summary
+
+
+def run(config, workdir: str, mode: str | None = None) -> dict:
+  """Entry point of `bridle_jax.main` for modes finetune and probe (after main.prepare)."""
+  mode = mode or config.mode
+  config.mode = mode
+  config.data.eval_manifest = config_validation.expand_path(config.data.eval_manifest, workdir)
+  config.init_from = config_validation.expand_path(config.init_from, workdir)
+  validate(config, mode)
+  if config.init_from:
+    adopt_pretrained_architecture(config)
+  else:
+    logging.warning("init_from is empty: the classifier starts from random weights")
+  config_validation.validate_config(config)
+  workdir_lib.save_config(config, workdir)
+  if mode == "probe" and config.finetune.fast_probe:
+    return run_fast_probe(config, workdir)
+  return Finetuner(config, workdir, mode).run()

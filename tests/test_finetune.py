@@ -1,0 +1,271 @@
+"""Fine-tuning: layer decay, drop path, pretrained loading, samplers, probe, training, k-fold."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bridle_jax import config_validation
+from bridle_jax import main as main_lib
+from bridle_jax.data import demo
+from bridle_jax.evaluate import finetune
+from bridle_jax.evaluate import layer_decay
+from bridle_jax.models import classifier as classifier_lib
+from bridle_jax.models import layers
+from bridle_jax.models import vit
+from configs import finetune_audio
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return demo.write_demo_corpus(tmp_path_factory.mktemp("corpus"), clips_per_class=8,
+                                eval_clips_per_class=2)
+
+
+def _classifier(depth=2, grid=(8, 8), width=32, **kwargs):
+  return classifier_lib.Classifier(grid=grid, width=width, depth=depth, num_heads=4,
+                                   num_classes=10, **kwargs)
+
+
+def _abstract_params(model, frames=128):
+  x = jnp.zeros((1, frames, 128))
+  return nn.unbox(jax.eval_shape(model.init, {"params": jax.random.PRNGKey(0),
+                                              "mask": jax.random.PRNGKey(1)}, x)["params"])
+
+
+def _init(model, x, seed=0):
+  return nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), x)["params"])
+
+
+def test_layer_decay_multipliers_for_depth_12():
+  scales = layer_decay.lr_scales(_abstract_params(_classifier(depth=12)), depth=12, decay=0.75)
+  expected = {"cls_token": 0.75 ** 13, "patch_embed": 0.75 ** 13, "blocks_0": 0.75 ** 12,
+              "blocks_5": 0.75 ** 7, "blocks_11": 0.75, "fc_norm": 1.0, "head": 1.0}
+  for key, value in expected.items():
+    leaves = jax.tree.leaves(scales[key])
+    assert leaves and all(leaf == pytest.approx(value) for leaf in leaves), key
+  assert set(scales) == {"cls_token", "patch_embed", "fc_norm", "head",
+                         *(f"blocks_{i}" for i in range(12))}
+
+
+def test_weight_decay_skips_biases_norms_and_cls_token():
+  mask = layer_decay.decay_mask(_abstract_params(_classifier()))
+  assert mask["cls_token"] is False
+  assert mask["head"] == {"kernel": True, "bias": False}
+  assert mask["fc_norm"] == {"scale": False, "bias": False}
+  assert mask["blocks_1"]["attn"]["qkv"] == {"kernel": True, "bias": False}
+  assert mask["blocks_1"]["mlp"]["fc1"] == {"kernel": True, "bias": False}
+  assert mask["patch_embed"]["proj"] == {"kernel": True, "bias": False}
+
+
+def test_drop_path_block_keeps_block_param_names_and_drops_whole_samples():
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 5, 32))
+  plain = layers.Block(num_heads=4)
+  params = jax.jit(plain.init)(jax.random.PRNGKey(1), x)
+  block = classifier_lib.DropPathBlock(num_heads=4, drop_path=0.999)
+  assert jax.tree.structure(jax.eval_shape(block.init, jax.random.PRNGKey(1), x)) == (
+      jax.tree.structure(params))
+  apply = jax.jit(block.apply, static_argnames="train")
+  np.testing.assert_allclose(apply(params, x), jax.jit(plain.apply)(params, x), rtol=1e-6)
+  dropped = apply(params, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+  np.testing.assert_array_equal(dropped, x)  # both branches dropped for every sample
+
+
+def test_drop_path_rates_follow_the_linear_rule():
+  model = _classifier(depth=4, drop_path=0.3)
+  bound = model.bind({"params": _abstract_params(model)})
+  np.testing.assert_allclose([block.drop_path for block in bound.blocks], [0.0, 0.1, 0.2, 0.3])
+
+
+def test_classifier_takes_pretrained_encoder_on_its_own_grid():
+  encoder = vit.Encoder(grid=(8, 8), width=32, depth=2, num_heads=4)
+  encoder_params = _init(encoder, jnp.zeros((1, 128, 128)), seed=3)
+  model = _classifier(grid=(4, 8))  # 64 frames: half the pretraining length
+  params = _init(model, jnp.zeros((1, 64, 128)), seed=4)
+  merged = classifier_lib.with_encoder_params(params, encoder_params)
+  assert set(merged) == {"patch_embed", "cls_token", "blocks_0", "blocks_1", "fc_norm", "head"}
+  for key in ("patch_embed", "cls_token", "blocks_0", "blocks_1"):
+    for a, b in zip(jax.tree.leaves(merged[key]), jax.tree.leaves(encoder_params[key])):
+      np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(merged["head"]["bias"], 0.0)
+  assert 0 < np.std(merged["head"]["kernel"]) < 1e-4
+  logits = jax.jit(model.apply)({"params": merged}, jnp.ones((2, 64, 128)))
+  assert logits.shape == (2, 10) and np.isfinite(logits).all()
+  with pytest.raises(ValueError, match="blocks_1"):
+    classifier_lib.with_encoder_params(
+        params, {**encoder_params, "blocks_1": encoder_params["norm"]})
+
+
+def test_training_masks_keep_the_expected_token_counts():
+  model = _classifier(mask_t_prob=0.5, mask_f_prob=0.25)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 128, 128))
+  params = {"params": _abstract_params(model)}
+  # 2-D masking keeps int(8 * 0.5) time rows x int(8 * 0.75) frequency columns.
+  tokens = jax.eval_shape(functools.partial(model.apply, method=lambda m, x: m._masked(m.embed(x))),
+                          params, x, rngs={"mask": jax.random.PRNGKey(2)})
+  assert tokens.shape == (2, 4 * 6, 32)
+  one_d = _classifier(mask_2d=False, mask_t_prob=0.25)
+  tokens = jax.eval_shape(functools.partial(one_d.apply, method=lambda m, x: m._masked(m.embed(x))),
+                          params, x, rngs={"mask": jax.random.PRNGKey(2)})
+  assert tokens.shape == (2, 48, 32)
+
+
+class _Table:
+  """A minimal source: labels per clip, folds, class names."""
+
+  def __init__(self, labels, folds=None):
+    self.labels = [np.asarray(l, np.int32) for l in labels]
+    self.folds = folds or [-1] * len(labels)
+    self.class_names = ["a", "b", "c"]
+    self.label_ids = self.class_names
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, i):
+    return {"path": f"clip{i}", "audio": b"", "labels": self.labels[i], "fold": self.folds[i]}
+
+  def label_table(self):
+    values = np.concatenate(self.labels).astype(np.int32)
+    return values, np.concatenate([[0], np.cumsum([len(l) for l in self.labels])])
+
+
+def test_sample_weights_are_ast_inverse_label_frequencies():
+  table = _Table([[0], [0], [0], [1], [0, 2], []])
+  weights = finetune.sample_weights(table)
+  w = 1000 / (np.array([4, 1, 1]) + 0.01)
+  np.testing.assert_allclose(weights, [w[0], w[0], w[0], w[1], w[0] + w[2], 0.0])
+
+
+def test_weighted_source_draws_in_proportion_and_deterministically():
+  table = _Table([[0], [1], [2]])
+  source = finetune.WeightedSource(table, np.array([1.0, 3.0, 0.0]), length=4000, seed=5)
+  drawn = np.array([source[i]["path"] for i in range(len(source))])
+  assert np.mean(drawn == "clip1") == pytest.approx(0.75, abs=0.03)
+  assert not np.any(drawn == "clip2")
+  again = finetune.WeightedSource(table, np.array([1.0, 3.0, 0.0]), length=4000, seed=5)
+  assert [again[i]["path"] for i in range(50)] == list(drawn[:50])
+
+
+def test_subset_source_label_table_matches_its_records():
+  table = _Table([[0], [1, 2], [], [2], [0, 1]])
+  subset = finetune.SubsetSource(table, [4, 1, 2])
+  values, offsets = subset.label_table()
+  for i in range(len(subset)):
+    np.testing.assert_array_equal(values[offsets[i]:offsets[i + 1]], subset[i]["labels"])
+
+
+def _config(corpus, variant="demo", **finetune_fields):
+  config = finetune_audio.get_config(variant)
+  config.data.update(demo_dir="", manifest=corpus["train"], label_csv=corpus["label_csv"],
+                     eval_manifest=corpus["eval"])
+  config.finetune.update(finetune_fields)
+  return config
+
+
+def _finetuner(config, workdir, mode, num_devices):
+  main_lib.prepare(config, str(workdir))
+  config.mode = mode
+  finetune.validate(config, mode)
+  return finetune.Finetuner(config, str(workdir), mode, devices=jax.devices()[:num_devices])
+
+
+def test_linear_probe_updates_only_fc_norm_and_head(corpus, tmp_path):
+  config = _config(corpus, steps=3, batch_size=16)
+  tuner = _finetuner(config, tmp_path, "probe", num_devices=2)
+  before = jax.device_get(tuner.initial_state(0).params)
+  result = tuner.train_and_evaluate("probe", 0, tuner.source, tuner.source)
+  after = jax.device_get(tuner.restore_final_params("probe"))
+  for key in before:
+    changed = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[key]),
+                                                            jax.tree.leaves(after[key])))
+    assert changed == (key in ("fc_norm", "head")), key
+  assert 0.0 <= result["final"]["accuracy"] <= 1.0
+  assert result["final"]["num_clips"] == 80
+
+
+def test_finetuning_loss_falls_on_demo_data(corpus, tmp_path):
+  config = _config(corpus, steps=30, lr=1e-2, warmup_epochs=0, drop_path=0.0, mask_t_prob=0.0,
+                   mask_f_prob=0.0, eval_every_epochs=100)
+  config.data.update(mixup=0.0, freqm=0, timem=0)
+  tuner = _finetuner(config, tmp_path, "finetune", num_devices=1)
+  before = jax.device_get(tuner.initial_state(0).params)
+  result = tuner.train_and_evaluate("finetune", 0, tuner.source, tuner.source)
+  after = jax.device_get(tuner.restore_final_params("finetune"))
+  assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["blocks_0"]),
+                                                       jax.tree.leaves(after["blocks_0"])))
+  # The head starts at ~0 (std 2e-5), so the loss starts at ln(10) = 2.303 nats.
+  assert result["train"]["mean_loss_last_10pct"] < 2.2, result["train"]
+  assert result["final"]["accuracy"] > 0.15  # on its training clips
+
+
+def _run_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.run([sys.executable, "-m", "bridle_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_kfold_cli_trains_one_run_per_fold_and_averages(corpus, tmp_path):
+  args = ["--config=configs/finetune_audio.py:esc50_demo", f"--workdir={tmp_path}",
+          "--config.data.demo_dir=", f"--config.data.manifest={corpus['train']}",
+          f"--config.data.label_csv={corpus['label_csv']}", "--config.finetune.steps=1"]
+  result = _run_cli(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["mode"] == "finetune" and summary["primary_metric"] == "accuracy"
+  assert sorted(summary["runs"]) == [f"fold{k}" for k in range(1, 6)]
+  assert sum(run["eval_clips"] for run in summary["runs"].values()) == 80
+  assert all(run["train_clips"] + run["eval_clips"] == 80 for run in summary["runs"].values())
+  mean = np.mean([run["final"]["accuracy"] for run in summary["runs"].values()])
+  assert summary["mean_final"]["accuracy"] == pytest.approx(mean)
+  rerun = _run_cli(*args)  # finished folds are not trained again
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert rerun.stderr.count("already done") == 5
+
+
+def test_shipped_finetune_configs():
+  esc = finetune_audio.get_config("esc50")
+  assert (esc.data.target_length, esc.finetune.lr, esc.finetune.epochs,
+          esc.finetune.warmup_epochs, esc.finetune.batch_size) == (512, 2e-3, 300, 20, 64)
+  assert (esc.data.mean, esc.data.std, esc.finetune.kfold, esc.finetune.loss) == (
+      -6.6268077, 5.358466, True, "ce")
+  as2m = finetune_audio.get_config("as2m")
+  assert (as2m.finetune.lr, as2m.finetune.epochs, as2m.finetune.batch_size,
+          as2m.finetune.weighted_sampler, as2m.finetune.loss) == (2e-4, 200, 256, True, "bce")
+  for c in (esc, as2m, finetune_audio.get_config("as20k_probe")):
+    assert (c.finetune.layer_decay, c.finetune.weight_decay, c.finetune.drop_path,
+            c.finetune.min_lr, tuple(c.finetune.betas)) == (0.75, 5e-4, 0.1, 1e-6, (0.9, 0.999))
+    assert (c.data.mixup, c.data.freqm, c.data.timem) == (0.5, 48, 192)
+  assert finetune_audio.get_config("as20k_probe").mode == "probe"
+  assert finetune_audio.get_config("sc2").data.target_length == 128
+  with pytest.raises(ValueError, match="unknown variant"):
+    finetune_audio.get_config("esc10")
+
+
+@pytest.mark.parametrize("variant", [*finetune_audio.RECIPES, "demo", "probe_demo", "esc50_demo",
+                                     "as2m_probe_demo"])
+def test_every_variant_passes_validation(variant):
+  config = finetune_audio.get_config(variant)
+  config.data.manifest = config.data.manifest or "train.json"
+  config.data.label_csv = config.data.label_csv or "labels.csv"
+  config.data.eval_manifest = config.data.eval_manifest or "eval.json"
+  config_validation.validate_config(config)
+  finetune.validate(config, config.mode)
+
+
+def test_invalid_finetune_field_is_named():
+  config = finetune_audio.get_config("demo")
+  config.finetune.loss = "hinge"
+  with pytest.raises(config_validation.ConfigError, match="^finetune.loss: 'hinge'"):
+    finetune.validate(config, "finetune")
+  config = finetune_audio.get_config("as20k")
+  with pytest.raises(config_validation.ConfigError, match="^data.eval_manifest: is empty"):
+    finetune.validate(config, "finetune")
