@@ -1,0 +1,307 @@
+"""Step and input-pipeline throughput of a phase, optionally logged to BENCHMARKS.md.
+
+  python -m bridle_jax.benchmark --config=configs/audio.py --phase=encoder --batch=64 \
+      [--steps=20] [--warmup=3] [--repeats=3] [--dtype=bfloat16] [--write]
+  python -m bridle_jax.benchmark --config=configs/audio.py:demo --phase=encoder --batch=16
+  python -m bridle_jax.benchmark --config=configs/audio.py:demo --input --workdir=/tmp/bench
+
+The step benchmark compiles the phase's real jitted step (parameter shardings from the
+config's mesh and rules, donated state) and feeds it one random waveform batch, so no
+data is read. Step time is the median over `--repeats` timed loops of `--steps` steps,
+each loop ended by one block_until_ready. FLOPs come from XLA's cost analysis of the
+compiled step; MFU is against the device's dense bf16 peak. `--input` instead times the
+grain pipeline of `config.data` on the host (the demo corpus is written to `--workdir`).
+"""
+import datetime
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import flax
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from bridle_jax import config_validation
+from bridle_jax.data import audio
+from bridle_jax.data import demo
+from bridle_jax.data import pipeline
+from bridle_jax.data import sources
+from bridle_jax.models import quantizer
+from bridle_jax.train import optim
+from bridle_jax.train import sharding
+from bridle_jax.train import state as state_lib
+from bridle_jax.train import steps
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/audio.py:demo.")
+_PHASE = flags.DEFINE_enum("phase", "encoder", ["encoder", "tokenizer", "joint"], "Phase to time.")
+_BATCH = flags.DEFINE_integer("batch", 64, "Global batch size.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Steps (or input batches) per timed loop.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps (or batches) before timing.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed loops; the step time is their median.")
+_DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: config.model.dtype).")
+_INPUT = flags.DEFINE_bool("input", False, "Time the host input pipeline instead of the step.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Expands {workdir} in data paths (--input).")
+_WRITE = flags.DEFINE_bool("write", False, "Append a row to --benchmarks_file.")
+_BENCHMARKS_FILE = flags.DEFINE_string("benchmarks_file", "BENCHMARKS.md", "Table to append to.")
+
+# Dense bf16 peak TFLOP/s per device, matched in order against `device_kind`.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
+               ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0), ("v4", 275.0))
+
+COLUMNS = ("date", "devices", "jax / flax", "phase", "batch", "dtype", "samples/s", "step ms",
+           "TFLOP/s", "MFU", "peak memory", "command")
+
+
+def peak_tflops(device) -> float | None:
+  """The device's dense bf16 peak, or None for CPUs and unknown kinds."""
+  if device.platform == "cpu":
+    return None
+  kind = device.device_kind.lower()
+  return next((peak for name, peak in PEAK_TFLOPS if name.lower() in kind), None)
+
+
+def cost_flops(compiled) -> float:
+  """FLOPs of one call of a compiled program (cost_analysis is a list in older jax)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def peak_memory_bytes() -> int | None:
+  """The largest peak_bytes_in_use over local devices, None where unreported (CPU)."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  peaks = [p for p in peaks if p is not None]
+  return max(peaks) if peaks else None
+
+
+def _kernel_size(tree, skip: str = "") -> int:
+  """Weights of the dense/conv kernels in a param tree (the per-token matmul weights)."""
+  return sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+             if "kernel" in (name := jax.tree_util.keystr(path)) and not (skip and skip in name))
+
+
+def analytic_flops(models: state_lib.Models, params: dict, kind: str, batch: int,
+                   tokenizer_every: int = 1) -> float:
+  """2 x kernel weights x tokens per forward, x3 for trained modules (forward + backward)."""
+  patches = models.encoder.num_patches
+  x = jax.ShapeDtypeStruct((1, *models.input_shape), np.float32)
+  visible = jax.eval_shape(
+      lambda p, x: models.encoder.apply({"params": p}, x, apply_mask=True,
+                                        rngs={"mask": jax.random.PRNGKey(0)})[0],
+      params["encoder"], x).shape[1]
+  enc = 2 * _kernel_size(params["encoder"])
+  masked_encoder = enc * visible
+  teacher = enc * (patches + 1)
+  decoder = 2 * _kernel_size(params["decoder"]) * patches
+  tokenizer = 2 * _kernel_size(params["tokenizer"], skip="cold_start_encoder") * (patches + 1)
+  estimator = 2 * _kernel_size(params["estimator"]) * patches
+  encoder_step = 3 * (masked_encoder + decoder) + tokenizer
+  tokenizer_step = teacher + 3 * (tokenizer + estimator)
+  per_sample = {"encoder": encoder_step, "tokenizer": tokenizer_step}.get(kind)
+  if kind == "joint":
+    full = 3 * (masked_encoder + decoder + tokenizer + estimator) + teacher
+    per_sample = (full + (tokenizer_every - 1) * encoder_step) / tokenizer_every
+  return float(per_sample * batch)
+
+
+def random_batch(config, batch: int, batch_sharding) -> dict:
+  """A global batch of random full-length waveforms, sharded like the training input."""
+  frames = config.data.target_length
+  local = pipeline.host_batch_size(batch, jax.process_count())
+  rng = np.random.default_rng(config.seed + jax.process_index())
+  samples = audio.num_samples_for_frames(frames, config.data.sample_rate)
+  host = {"waveform": (0.1 * rng.standard_normal((local, samples))).astype(np.float32),
+          "valid_frames": np.full((local,), frames, np.int32)}
+  return pipeline.to_device_batch(host, batch_sharding)
+
+
+def compile_phase(config, kind: str, batch: int):
+  """(models, state, device batch, compiled steps) of a phase, as the driver builds them.
+
+  The encoder phase is the steady-state one (trained tokenizer, not the cold start); a
+  joint phase has two steps, with and without the tokenizer term.
+  """
+  phase_config = config[f"{kind}_phase"]
+  mesh = sharding.make_mesh(config.mesh)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch % shards:
+    raise ValueError(f"--batch={batch} is not divisible by the {shards} data-parallel devices")
+  models = state_lib.build_models(config)
+  tx = optim.adamw_direction(phase_config)
+  schedule = optim.warmup_cosine(phase_config.lr, phase_config.min_lr, 1, 1_000_000)
+  groups = steps.PHASE_GROUPS[kind]
+
+  def fresh(rng):
+    params_rng, codebook_rng = jax.random.split(rng)
+    return state_lib.new_state(state_lib.init_params(models, params_rng),
+                               quantizer.init(models.quantizer, codebook_rng), groups, tx, rng)
+
+  rng = jax.random.PRNGKey(config.seed)
+  shardings = sharding.shardings_for(jax.eval_shape(fresh, rng), mesh, config.sharding_rules)
+  state = jax.jit(lambda r: nn.unbox(fresh(r)), out_shardings=shardings)(rng)
+  batch_sharding = sharding.batch_sharding(mesh)
+  device_batch = random_batch(config, batch, batch_sharding)
+  replicated = sharding.replicated(mesh)
+
+  def compile_step(**kwargs):
+    fn = steps.phase_step(models, kind, phase_config, tx, schedule, **kwargs)
+    jitted = jax.jit(fn, in_shardings=(shardings, {k: batch_sharding for k in device_batch}),
+                     out_shardings=(shardings, replicated, replicated), donate_argnums=0)
+    return jitted.lower(state, device_batch).compile()
+
+  compiled = [compile_step()]
+  if kind == "joint":
+    compiled.append(compile_step(with_tokenizer=False))
+  return models, state, device_batch, compiled
+
+
+def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: int,
+                       repeats: int) -> dict:
+  """Times the phase's compiled step on random input; returns the report."""
+  models, state, device_batch, compiled = compile_phase(config, kind, batch)
+  every = config[f"{kind}_phase"].get("tokenizer_every", 1) if kind == "joint" else 1
+  schedule = [compiled[0] if i % every == 0 else compiled[-1] for i in range(every)]
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
+  step = 0
+
+  def run(n):
+    nonlocal state, step
+    for _ in range(n):
+      state, _, _ = schedule[step % every](state, device_batch)
+      step += 1
+    jax.block_until_ready(state)
+
+  run(warmup)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run(num_steps)
+    times.append((time.perf_counter() - start) / num_steps)
+  step_time = statistics.median(times)
+  # An SPMD program's cost analysis counts one device's share, replicated work included.
+  flops = jax.device_count() * sum(cost_flops(c) for c in schedule) / every
+  device = jax.devices()[0]
+  peak = peak_tflops(device)
+  tflops = flops / step_time / 1e12
+  analytic = analytic_flops(models, params, kind, batch, every)
+  return {
+      "phase": kind, "batch": batch, "dtype": config.model.dtype,
+      "device_kind": device.device_kind, "device_count": jax.device_count(),
+      "samples_per_second": batch / step_time, "step_ms": 1e3 * step_time,
+      "flops_per_step": flops, "analytic_flops_per_step": analytic,
+      "cost_to_analytic": flops / analytic if analytic else None,
+      "tflops_per_second": tflops,
+      "mfu": tflops / (peak * jax.device_count()) if peak else None,
+      "peak_memory_bytes": peak_memory_bytes(),
+  }
+
+
+def run_input_benchmark(config, workdir: str, batch: int, num_batches: int,
+                        warmup: int) -> dict:
+  """Times the grain pipeline of `config.data` on this host; returns the report."""
+  for field in ("demo_dir", "manifest", "label_csv"):
+    config.data[field] = config_validation.expand_path(config.data[field], workdir)
+  if config.data.demo_dir:
+    demo.write_demo_corpus(config.data.demo_dir, seed=config.seed)
+  source = sources.open_source(config.data)
+  iterator = iter(pipeline.build_dataset(source, config.data, global_batch_size=batch,
+                                         seed=config.seed))
+  for _ in range(max(warmup, 1)):  # worker start-up stays out of the timing
+    next(iterator)
+  start = time.perf_counter()
+  clips = sum(len(next(iterator)["waveform"]) for _ in range(num_batches))
+  rate = clips / (time.perf_counter() - start)
+  workers = max(config.data.num_workers, 1)
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return {"phase": "input", "batch": batch, "dtype": "n/a", "clips_per_second": rate,
+          "workers": config.data.num_workers, "clips_per_second_per_worker": rate / workers,
+          "cores": cores, "clips_per_second_per_core": rate / cores,
+          "samples_per_second": rate, "device_kind": "host", "device_count": jax.process_count()}
+
+
+def _fmt(value, spec: str) -> str:
+  return "n/a" if value is None else format(value, spec)
+
+
+def _memory(num_bytes) -> str:
+  return "n/a" if num_bytes is None else f"{num_bytes / 2**30:.2f} GiB"
+
+
+def table_row(report: dict, command: str) -> str:
+  """One BENCHMARKS.md row for a report."""
+  cells = (datetime.date.today().isoformat(), f"{report['device_kind']} x{report['device_count']}",
+           f"{jax.__version__} / {flax.__version__}", report["phase"], str(report["batch"]),
+           report["dtype"], _fmt(report["samples_per_second"], ".1f"),
+           _fmt(report.get("step_ms"), ".1f"), _fmt(report.get("tflops_per_second"), ".3f"),
+           _fmt(report.get("mfu"), ".1%"), _memory(report.get("peak_memory_bytes")),
+           f"`{command}`")
+  return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def append_row(path: str, row: str) -> None:
+  """Appends `row` to the results table of `path`, starting the table if it has none."""
+  header = "| " + " | ".join(COLUMNS) + " |"
+  text = open(path).read() if os.path.exists(path) else ""
+  if text and not text.endswith("\n"):
+    text += "\n"
+  if header not in text:
+    text += ("\n" if text else "") + f"## Results\n\n{header}\n|{'---|' * len(COLUMNS)}\n"
+  with open(path, "w") as f:
+    f.write(text + row + "\n")
+
+
+def format_report(report: dict) -> str:
+  if report["phase"] == "input":
+    lines = [("clips/s", _fmt(report["clips_per_second"], ".1f")),
+             ("workers", str(report["workers"] or "0 (in-process)")),
+             ("clips/s per worker", _fmt(report["clips_per_second_per_worker"], ".1f")),
+             ("cores", str(report["cores"])),
+             ("clips/s per core", _fmt(report["clips_per_second_per_core"], ".1f"))]
+  else:
+    lines = [("device", f"{report['device_kind']} x{report['device_count']}"),
+             ("phase", report["phase"]), ("batch", str(report["batch"])),
+             ("dtype", report["dtype"]),
+             ("samples/s", _fmt(report["samples_per_second"], ".1f")),
+             ("step ms (median)", _fmt(report["step_ms"], ".2f")),
+             ("GFLOP/step (XLA)", _fmt(report["flops_per_step"] / 1e9, ".3f")),
+             ("GFLOP/step (analytic)", _fmt(report["analytic_flops_per_step"] / 1e9, ".3f")),
+             ("XLA / analytic", _fmt(report["cost_to_analytic"], ".2f")),
+             ("TFLOP/s", _fmt(report["tflops_per_second"], ".3f")),
+             ("MFU", _fmt(report["mfu"], ".1%")),
+             ("peak memory", _memory(report["peak_memory_bytes"]))]
+  return "\n".join(f"{name:<22} {value}" for name, value in lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/audio.py:demo")
+  if _DTYPE.value:
+    config.model.dtype = _DTYPE.value
+  if _INPUT.value:
+    if not _WORKDIR.value and "{workdir}" in config.data.manifest:
+      raise app.UsageError("--input with this config needs --workdir")
+    report = run_input_benchmark(config, _WORKDIR.value or "", _BATCH.value, _STEPS.value,
+                                 _WARMUP.value)
+  else:
+    report = run_step_benchmark(config, _PHASE.value, _BATCH.value, _STEPS.value, _WARMUP.value,
+                                _REPEATS.value)
+  print(format_report(report))
+  if _WRITE.value and jax.process_index() == 0:
+    command = shlex.join(["python", "-m", "bridle_jax.benchmark", *sys.argv[1:]])
+    append_row(_BENCHMARKS_FILE.value, table_row(report, command))
+    print(f"row appended to {_BENCHMARKS_FILE.value}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,105 @@
+"""The benchmark command: compiled steps, FLOP counts, the report and BENCHMARKS.md rows."""
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from bridle_jax import benchmark
+from configs import audio as audio_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _demo_config():
+  config = audio_config.get_config("demo")
+  config.model.depth = config.model.decoder.depth = 1
+  return config
+
+
+@pytest.fixture(scope="module")
+def encoder_phase():
+  return benchmark.compile_phase(_demo_config(), "encoder", 16)
+
+
+def test_encoder_cost_analysis_is_near_the_analytic_count(encoder_phase):
+  models, state, _, compiled = encoder_phase
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
+  analytic = benchmark.analytic_flops(models, params, "encoder", 16)
+  measured = jax.device_count() * benchmark.cost_flops(compiled[0])
+  assert analytic > 0
+  assert 0.3 < measured / analytic < 3.0
+
+
+def test_encoder_step_has_no_host_callbacks(encoder_phase):
+  hlo = encoder_phase[3][0].as_text().lower()
+  for marker in ("outfeed", "host_callback", "xla_python_cpu_callback", "xla_ffi_python"):
+    assert marker not in hlo
+
+
+def test_tokenizer_phase_reports_throughput_and_flops():
+  report = benchmark.run_step_benchmark(_demo_config(), "tokenizer", 16, num_steps=2, warmup=1,
+                                        repeats=1)
+  assert report["samples_per_second"] > 0 and report["step_ms"] > 0
+  assert report["flops_per_step"] > 0 and report["analytic_flops_per_step"] > 0
+  assert report["mfu"] is None  # CPU: no peak in the table
+  assert "samples/s" in benchmark.format_report(report)
+
+
+def test_command_reports_and_appends_one_row(tmp_path):
+  table = tmp_path / "BENCHMARKS.md"
+  table.write_text("# Benchmarks\n\nintro\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  result = subprocess.run(
+      [sys.executable, "-m", "bridle_jax.benchmark", "--config=configs/audio.py:demo",
+       "--config.model.depth=1", "--phase=encoder", "--batch=8", "--steps=2", "--warmup=1",
+       "--repeats=1", "--write", f"--benchmarks_file={table}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert float(re.search(r"^samples/s\s+([\d.]+)", result.stdout, re.M).group(1)) > 0
+  assert float(re.search(r"^GFLOP/step \(XLA\)\s+([\d.]+)", result.stdout, re.M).group(1)) > 0
+  text = table.read_text()
+  assert text.startswith("# Benchmarks\n\nintro\n")
+  rows = [line for line in text.splitlines() if line.startswith("| 2")]
+  assert len(rows) == 1
+  cells = [c.strip() for c in rows[0].strip("|").split(" | ")]
+  assert len(cells) == len(benchmark.COLUMNS)
+  assert cells[1] == "cpu x2" and cells[3:6] == ["encoder", "8", "float32"]
+  assert cells[-1].startswith("`python -m bridle_jax.benchmark --config=configs/audio.py:demo")
+
+
+def test_append_row_keeps_one_table(tmp_path):
+  path = str(tmp_path / "B.md")
+  report = {"device_kind": "NVIDIA H100 80GB HBM3", "device_count": 1, "phase": "joint",
+            "batch": 64, "dtype": "bfloat16", "samples_per_second": 700.0, "step_ms": 91.4,
+            "tflops_per_second": 400.0, "mfu": 0.404, "peak_memory_bytes": 3 * 2**30}
+  for _ in range(2):
+    benchmark.append_row(path, benchmark.table_row(report, "python -m x --a=1|2"))
+  lines = open(path).read().splitlines()
+  assert lines.count("| " + " | ".join(benchmark.COLUMNS) + " |") == 1
+  assert len([l for l in lines if l.startswith("| 2")]) == 2
+  assert "| 40.4% | 3.00 GiB | `python -m x --a=1\\|2` |" in lines[-1]
+
+
+class _Device:
+
+  def __init__(self, platform, kind):
+    self.platform, self.device_kind = platform, kind
+
+
+@pytest.mark.parametrize("platform,kind,peak", [
+    ("gpu", "NVIDIA H100 80GB HBM3", 989.0), ("gpu", "NVIDIA H200", 989.0),
+    ("gpu", "NVIDIA A100-SXM4-80GB", 312.0), ("tpu", "TPU v4", 275.0),
+    ("tpu", "TPU v5 lite", 197.0), ("tpu", "TPU v5p", 459.0), ("cpu", "cpu", None),
+    ("gpu", "NVIDIA GeForce RTX 4090", None)])
+def test_peak_tflops(platform, kind, peak):
+  assert benchmark.peak_tflops(_Device(platform, kind)) == peak
+
+
+@pytest.mark.parametrize("cost", [{"flops": 5.0}, [{"flops": 5.0}]])
+def test_cost_flops_reads_dict_or_list(cost):
+  compiled = type("Compiled", (), {"cost_analysis": lambda self: cost})()
+  assert benchmark.cost_flops(compiled) == 5.0
