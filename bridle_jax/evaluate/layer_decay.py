@@ -39,12 +39,7 @@ def decay_mask(params) -> dict:
 
 
 def adamw_direction(finetune_config) -> optax.GradientTransformation:
-  """Optional clipping, Adam scaling and decoupled weight decay; the caller multiplies by
-  `lr_scales` and the scheduled lr (so decay is scaled per layer too, as PyTorch's AdamW)."""
-  b1, b2 = finetune_config.betas
-  parts = []
-  if finetune_config.clip_grad > 0:
-    parts.append(optax.clip_by_global_norm(finetune_config.clip_grad))
-  parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=finetune_config.eps),
-            optax.add_decayed_weights(finetune_config.weight_decay, mask=decay_mask)]
-  return optax.chain(*parts)
+  """AdamW direction without decay on biases, 1-D tensors and cls_token; the caller
+  multiplies by `lr_scales` and the scheduled lr (so decay is scaled per layer too, as
+  PyTorch's AdamW does)."""
+  return optim.adamw_direction(finetune_config, mask=decay_mask)

@@ -34,14 +34,15 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def adamw_direction(phase_config) -> optax.GradientTransformation:
-  """Clipping (optional), Adam scaling and decoupled weight decay; lr applied by the caller."""
+def adamw_direction(phase_config, mask=decay_mask) -> optax.GradientTransformation:
+  """Clipping (optional), Adam scaling and decoupled weight decay where `mask` says;
+  the learning rate is applied by the caller."""
   b1, b2 = phase_config.betas
   parts = []
   if phase_config.clip_grad > 0:
     parts.append(optax.clip_by_global_norm(phase_config.clip_grad))
   parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=phase_config.eps),
-            optax.add_decayed_weights(phase_config.weight_decay, mask=decay_mask)]
+            optax.add_decayed_weights(phase_config.weight_decay, mask=mask)]
   return optax.chain(*parts)
 
 
