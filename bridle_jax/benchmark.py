@@ -38,17 +38,21 @@ from bridle_jax.train import sharding
 from bridle_jax.train import state as state_lib
 from bridle_jax.train import steps
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/audio.py:demo.")
-_PHASE = flags.DEFINE_enum("phase", "encoder", ["encoder", "tokenizer", "joint"], "Phase to time.")
-_BATCH = flags.DEFINE_integer("batch", 64, "Global batch size.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Steps (or input batches) per timed loop.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps (or batches) before timing.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed loops; the step time is their median.")
-_DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: config.model.dtype).")
-_INPUT = flags.DEFINE_bool("input", False, "Time the host input pipeline instead of the step.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Expands {workdir} in data paths (--input).")
-_WRITE = flags.DEFINE_bool("write", False, "Append a row to --benchmarks_file.")
-_BENCHMARKS_FILE = flags.DEFINE_string("benchmarks_file", "BENCHMARKS.md", "Table to append to.")
+
+def _define_flags():
+  """Command-line flags; defined only when run as a command (main.py owns --config too)."""
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/audio.py:demo.")
+  flags.DEFINE_enum("phase", "encoder", ["encoder", "tokenizer", "joint"], "Phase to time.")
+  flags.DEFINE_integer("batch", 64, "Global batch size.")
+  flags.DEFINE_integer("steps", 20, "Steps (or input batches) per timed loop.")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps (or batches) before timing.")
+  flags.DEFINE_integer("repeats", 3, "Timed loops; the step time is their median.")
+  flags.DEFINE_string("dtype", None, "Compute dtype (default: config.model.dtype).")
+  flags.DEFINE_bool("input", False, "Time the host input pipeline instead of the step.")
+  flags.DEFINE_string("workdir", None, "Expands {workdir} in data paths (--input).")
+  flags.DEFINE_bool("write", False, "Append a row to --benchmarks_file.")
+  flags.DEFINE_string("benchmarks_file", "BENCHMARKS.md", "Table to append to.")
+
 
 # Dense bf16 peak TFLOP/s per device, matched in order against `device_kind`.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
@@ -282,26 +286,27 @@ def format_report(report: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/audio.py:demo")
-  if _DTYPE.value:
-    config.model.dtype = _DTYPE.value
-  if _INPUT.value:
-    if not _WORKDIR.value and "{workdir}" in config.data.manifest:
+  if flags.FLAGS.dtype:
+    config.model.dtype = flags.FLAGS.dtype
+  if flags.FLAGS.input:
+    if not flags.FLAGS.workdir and "{workdir}" in config.data.manifest:
       raise app.UsageError("--input with this config needs --workdir")
-    report = run_input_benchmark(config, _WORKDIR.value or "", _BATCH.value, _STEPS.value,
-                                 _WARMUP.value)
+    report = run_input_benchmark(config, flags.FLAGS.workdir or "", flags.FLAGS.batch, flags.FLAGS.steps,
+                                 flags.FLAGS.warmup)
   else:
-    report = run_step_benchmark(config, _PHASE.value, _BATCH.value, _STEPS.value, _WARMUP.value,
-                                _REPEATS.value)
+    report = run_step_benchmark(config, flags.FLAGS.phase, flags.FLAGS.batch, flags.FLAGS.steps, flags.FLAGS.warmup,
+                                flags.FLAGS.repeats)
   print(format_report(report))
-  if _WRITE.value and jax.process_index() == 0:
+  if flags.FLAGS.write and jax.process_index() == 0:
     command = shlex.join(["python", "-m", "bridle_jax.benchmark", *sys.argv[1:]])
-    append_row(_BENCHMARKS_FILE.value, table_row(report, command))
-    print(f"row appended to {_BENCHMARKS_FILE.value}")
+    append_row(flags.FLAGS.benchmarks_file, table_row(report, command))
+    print(f"row appended to {flags.FLAGS.benchmarks_file}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
