@@ -69,11 +69,6 @@ def _fresh_state_fn(models, groups, tx):
   return fresh
 
 
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
 class Trainer:
   """Holds what all phases share: config, mesh, models, data source."""
 
@@ -87,7 +82,7 @@ class Trainer:
     self.replicated = sharding.replicated(self.mesh)
     abstract = workdir_lib.abstract_pretrained(self.models)
     self.handoff_shardings = sharding.shardings_for(abstract, self.mesh, config.sharding_rules)
-    self.handoff_abstract = _with_shardings(nn.unbox(abstract), self.handoff_shardings)
+    self.handoff_abstract = sharding.with_shardings(nn.unbox(abstract), self.handoff_shardings)
     self.init_from_phases = (workdir_lib.finished_phases(config.init_from)
                              if config.init_from else [])
     self.preemption = PreemptionNotice()
@@ -209,7 +204,7 @@ class Trainer:
     iterator = iter(dataset)
     pending = None
     if ckpt.latest_step() is not None:
-      state, data_state = ckpt.restore(_with_shardings(nn.unbox(abstract), shardings))
+      state, data_state = ckpt.restore(sharding.with_shardings(nn.unbox(abstract), shardings))
       if data_state is None:
         logging.warning("%s: checkpoint holds no data position for this host layout; the "
                         "data stream restarts from its beginning", phase.id)

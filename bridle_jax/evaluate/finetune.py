@@ -192,11 +192,6 @@ def front_end(data_config) -> Callable:
       freqm=data_config.freqm, timem=data_config.timem, sample_rate=data_config.sample_rate)
 
 
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
 def _require(ok: bool, field: str, message: str) -> None:
   if not ok:
     raise config_validation.ConfigError(f"{field}: {message}")
@@ -312,7 +307,7 @@ class Finetuner:
     abstract = workdir_lib.abstract_pretrained(state_lib.build_models(pretrain_config))
     shardings = sharding.shardings_for(abstract, self.mesh, config.sharding_rules)
     tree = workdir_lib.restore_final(workdir_lib.final_dir(config.init_from, phase),
-                                     _with_shardings(nn.unbox(abstract), shardings))
+                                     sharding.with_shardings(nn.unbox(abstract), shardings))
     logging.info("encoder from %s phase %s", config.init_from, phase)
     return tree["params"]["encoder"]
 
@@ -381,7 +376,8 @@ class Finetuner:
                                         save_every=config.checkpoint_every,
                                         keep=config.keep_checkpoints)
     if ckpt.latest_step() is not None:
-      state, data_state = ckpt.restore(_with_shardings(nn.unbox(self.abstract), self.shardings))
+      state, data_state = ckpt.restore(
+          sharding.with_shardings(nn.unbox(self.abstract), self.shardings))
       if data_state is not None:
         iterator.set_state(data_state)
       logging.info("%s: resumed at step %d", run_id, int(state.step))
@@ -430,7 +426,7 @@ class Finetuner:
 
   def restore_final_params(self, run_id: str) -> dict:
     """The trained classifier params of a finished run, in this mesh's shardings."""
-    abstract = _with_shardings(nn.unbox(self.abstract.params), self.shardings.params)
+    abstract = sharding.with_shardings(nn.unbox(self.abstract.params), self.shardings.params)
     return workdir_lib.restore_final(self._final_dir(run_id), {"params": abstract})["params"]
 
   def _evaluate_into(self, evals: dict, run_id: str, step: int, params: dict, source) -> None:

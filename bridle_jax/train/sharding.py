@@ -70,3 +70,9 @@ def shardings_for(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
   return jax.tree.map(
       lambda spec, leaf: NamedSharding(mesh, _fit(spec, leaf.shape, mesh)),
       mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """jax.ShapeDtypeStruct leaves carrying `shardings`: the target of a sharded restore."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
