@@ -107,8 +107,8 @@ class Trainer:
     for phase in phases(self.config):
       if phase.id in completed:
         continue
-      if handoff is None:
-        handoff = self._starting_point(phase)
+      if handoff is None and not workdir_lib.has_phase_checkpoint(self.workdir, phase.id):
+        handoff = self._starting_point(phase)  # a resumed phase restores its own state
       summaries[phase.id], handoff = self.run_phase(phase, handoff)
       completed.append(phase.id)
       checkpoint.write_progress(self.workdir, progress)

@@ -76,6 +76,15 @@ def final_dir(workdir: str, phase_id: str) -> str:
   return os.path.join(workdir, "checkpoints", f"{phase_id}_final")
 
 
+def has_phase_checkpoint(workdir: str, phase_id: str) -> bool:
+  """Whether a phase has a committed mid-phase checkpoint to resume from.
+
+  Orbax commits a step by renaming its temporary directory to the bare step number.
+  """
+  directory = os.path.join(workdir, "checkpoints", phase_id)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def abstract_pretrained(models: state_lib.Models) -> dict:
   """Shapes of {'params', 'codebooks'} as annotated (boxed) abstract arrays."""
   def fresh(rng):

@@ -28,10 +28,8 @@ following encoder phase keeps the cold-start tokenizer.
 """
 import argparse
 import importlib.util
-import json
 import os
 import pathlib
-import sys
 
 import flax.linen as nn
 import jax
@@ -39,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from bridle_jax import convert
@@ -186,18 +183,13 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)  # keep orbax's per-file INFO lines out
   f = flags.FLAGS
-  try:
+
+  def action():
     phase_id = import_checkpoint(f.checkpoint, f.workdir, f.config, f.phase_kind)
-  except convert.MissingDependency as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps({"workdir": f.workdir, "phase": phase_id, "checkpoint": f.checkpoint},
-                   indent=1))
+    return {"workdir": f.workdir, "phase": phase_id, "checkpoint": f.checkpoint}
+
+  convert.run_command(action)
 
 
 if __name__ == "__main__":

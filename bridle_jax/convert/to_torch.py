@@ -30,14 +30,11 @@ N(0, 2e-5) weight (timm's trunc_normal_ bounds, +-2, never bind at that std; --s
 and a zero bias.
 """
 import collections
-import json
 import os
-import sys
 
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 
 from bridle_jax import convert
 from bridle_jax import workdir as workdir_lib
@@ -152,17 +149,9 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)  # keep orbax's per-file INFO lines out
   f = flags.FLAGS
-  try:
-    summary = export(f.workdir, f.output, f.phase, f.finetune_output, f.num_classes, f.seed)
-  except convert.MissingDependency as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps(summary, indent=1))
+  convert.run_command(lambda: export(f.workdir, f.output, f.phase, f.finetune_output,
+                                     f.num_classes, f.seed))
 
 
 if __name__ == "__main__":
