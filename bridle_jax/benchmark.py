@@ -27,9 +27,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from bridle_jax import config_validation
+from bridle_jax import prepare
 from bridle_jax.data import audio
-from bridle_jax.data import demo
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
 from bridle_jax.models import quantizer
@@ -92,8 +91,11 @@ def _kernel_size(tree, skip: str = "") -> int:
 
 
 def analytic_flops(models: state_lib.Models, params: dict, kind: str, batch: int,
-                   tokenizer_every: int = 1) -> float:
-  """2 x kernel weights x tokens per forward, x3 for trained modules (forward + backward)."""
+                   tokenizer_every: int = 1, reuse_codes: bool = False) -> float:
+  """2 x kernel weights x tokens per forward, x3 for trained modules (forward + backward).
+
+  With `reuse_codes` the encoder step reads stored codes and skips the tokenizer.
+  """
   patches = models.encoder.num_patches
   x = jax.ShapeDtypeStruct((1, *models.input_shape), np.float32)
   visible = jax.eval_shape(
@@ -106,7 +108,7 @@ def analytic_flops(models: state_lib.Models, params: dict, kind: str, batch: int
   decoder = 2 * _kernel_size(params["decoder"]) * patches
   tokenizer = 2 * _kernel_size(params["tokenizer"], skip="cold_start_encoder") * (patches + 1)
   estimator = 2 * _kernel_size(params["estimator"]) * patches
-  encoder_step = 3 * (masked_encoder + decoder) + tokenizer
+  encoder_step = 3 * (masked_encoder + decoder) + (0 if reuse_codes else tokenizer)
   tokenizer_step = teacher + 3 * (tokenizer + estimator)
   per_sample = {"encoder": encoder_step, "tokenizer": tokenizer_step}.get(kind)
   if kind == "joint":
@@ -124,6 +126,10 @@ def random_batch(config, batch: int, batch_sharding) -> dict:
   host = {"waveform": (0.1 * rng.standard_normal((local, samples))).astype(np.float32),
           "valid_frames": np.full((local,), frames, np.int32)}
   return pipeline.to_device_batch(host, batch_sharding)
+
+
+def reuses_codes(config, kind: str) -> bool:
+  return kind == "encoder" and config.encoder_phase.get("reuse_codes", False)
 
 
 def compile_phase(config, kind: str, batch: int):
@@ -152,6 +158,12 @@ def compile_phase(config, kind: str, batch: int):
   state = jax.jit(lambda r: nn.unbox(fresh(r)), out_shardings=shardings)(rng)
   batch_sharding = sharding.batch_sharding(mesh)
   device_batch = random_batch(config, batch, batch_sharding)
+  if reuses_codes(config, kind):  # the steady state: codes stored in the first epoch
+    spec = models.quantizer
+    codes = np.random.default_rng(0).integers(
+        spec.codebook_size, size=(pipeline.host_batch_size(batch, jax.process_count()),
+                                  models.encoder.num_patches, spec.num_codebooks * spec.soft_code))
+    device_batch["codes"] = pipeline.to_device_batch(codes.astype(np.int32), batch_sharding)
   replicated = sharding.replicated(mesh)
 
   def compile_step(**kwargs):
@@ -194,9 +206,10 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
   device = jax.devices()[0]
   peak = peak_tflops(device)
   tflops = flops / step_time / 1e12
-  analytic = analytic_flops(models, params, kind, batch, every)
+  analytic = analytic_flops(models, params, kind, batch, every, reuses_codes(config, kind))
   return {
-      "phase": kind, "batch": batch, "dtype": config.model.dtype,
+      "phase": kind + (" (reused codes)" if reuses_codes(config, kind) else ""),
+      "batch": batch, "dtype": config.model.dtype,
       "device_kind": device.device_kind, "device_count": jax.device_count(),
       "samples_per_second": batch / step_time, "step_ms": 1e3 * step_time,
       "flops_per_step": flops, "analytic_flops_per_step": analytic,
@@ -210,10 +223,7 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
 def run_input_benchmark(config, workdir: str, batch: int, num_batches: int,
                         warmup: int) -> dict:
   """Times the grain pipeline of `config.data` on this host; returns the report."""
-  for field in ("demo_dir", "manifest", "label_csv"):
-    config.data[field] = config_validation.expand_path(config.data[field], workdir)
-  if config.data.demo_dir:
-    demo.write_demo_corpus(config.data.demo_dir, seed=config.seed)
+  prepare.prepare(config, workdir)
   source = sources.open_source(config.data)
   iterator = iter(pipeline.build_dataset(source, config.data, global_batch_size=batch,
                                          seed=config.seed))

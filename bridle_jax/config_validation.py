@@ -3,6 +3,8 @@ import os
 
 import ml_collections
 
+from bridle_jax.models import attention, layers
+
 DATA_FORMATS = ("json", "folder", "tfds")
 QUANTIZER_TYPES = ("rq", "vq")
 POS_GRIDS = ("reference", "time_freq")
@@ -68,6 +70,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.pos_grid", POS_GRIDS)
+  _one_of(config, "model.attention_impl", attention.IMPLEMENTATIONS)
+  _one_of(config, "model.remat", tuple(layers.REMAT_POLICIES))
   _require(m.width % m.num_heads == 0, "model.width",
            f"{m.width} is not divisible by model.num_heads={m.num_heads}")
   _require(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", f"must lie in [0, 1), got {m.mask_ratio}")
@@ -76,6 +80,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   dec = m.decoder
   _one_of(config, "model.decoder.mode", DECODER_MODES)
+  _one_of(config, "model.decoder.attention_impl", ("xla", "cudnn"))
   _require(dec.width % dec.num_heads == 0, "model.decoder.width",
            f"{dec.width} is not divisible by model.decoder.num_heads={dec.num_heads}")
   if dec.mode == 1:
@@ -114,6 +119,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(phase.clip_grad >= 0, f"{name}_phase.clip_grad", f"must be >= 0, got {phase.clip_grad}")
   if "joint" in config.rounds:
     _positive(config, "joint_phase.tokenizer_every")
+  if config.encoder_phase.get("reuse_codes", False):
+    augmented = [f"data.{name}" for name in ("roll_mag_aug", "mixup", "freqm", "timem") if d[name]]
+    _require(not augmented, "encoder_phase.reuse_codes",
+             f"needs unaugmented input, but {', '.join(augmented)} augment it; turn them off "
+             "or reuse_codes off")
   for axis in ("data", "fsdp", "model"):
     size = config.mesh[axis]
     _require(size == -1 or size > 0, f"mesh.{axis}", f"must be -1 or > 0, got {size}")

@@ -25,6 +25,7 @@ from bridle_jax.data import sources
 from bridle_jax.evaluate import verdict
 from bridle_jax.models import quantizer
 from bridle_jax.train import checkpoint
+from bridle_jax.train import code_cache
 from bridle_jax.train import monitor
 from bridle_jax.train import optim
 from bridle_jax.train import sharding
@@ -86,6 +87,7 @@ class Trainer:
     self.init_from_phases = (workdir_lib.finished_phases(config.init_from)
                              if config.init_from else [])
     self.preemption = PreemptionNotice()
+    self.loss_histories = {}  # phase id -> [(step, loss)] of the phases this trainer ran
 
   def uses_cold_start(self, phase: Phase) -> bool:
     """An encoder phase with no tokenizer training before it (here or in init_from)."""
@@ -143,7 +145,10 @@ class Trainer:
     while step < run.total:
       host_batch = run.next_batch()
       skipped += int(host_batch["skipped"].sum())
-      run.state, metrics, counts = run.step_fn(step)(run.state, self.device_batch(host_batch))
+      batch = self.device_batch(host_batch)
+      if run.code_reuse is not None:
+        batch = run.code_reuse.attach(run.state, host_batch, batch)
+      run.state, metrics, counts = run.step_fn(step)(run.state, batch)
       step += 1
       phase_monitor.record(step, metrics)
       if phase_monitor.should_log_usage(step):
@@ -167,7 +172,10 @@ class Trainer:
     final.save(run.total, handoff, None, force=True)
     final.close()
     summary = phase_monitor.finish()
+    self.loss_histories[phase.id] = phase_monitor.loss_history
     summary.update(skipped_clips=skipped, cold_start=run.cold_start, steps=run.total)
+    if run.code_reuse is not None:
+      summary.update(batches_with_reused_codes=run.code_reuse.reused_batches)
     logging.info("%s: done, %s", phase.id, summary)
     return summary, handoff
 
@@ -220,6 +228,11 @@ class Trainer:
             in_shardings=(shardings, batch_shardings), out_shardings=shardings, donate_argnums=0)
         state = prepare(state, self.device_batch(pending))
 
+    code_reuse = None
+    if phase.kind == "encoder" and phase_config.get("reuse_codes", False):
+      code_reuse = self._code_reuse(shardings, batch_shardings, cold_start)
+      batch_shardings = {**batch_shardings, "codes": self.batch_sharding}
+
     def compile_step(**kwargs):
       fn = steps.phase_step(models, phase.kind, phase_config, tx, schedule, cold_start=cold_start,
                             **kwargs)
@@ -232,9 +245,20 @@ class Trainer:
                  phase_config.batch_size, ", cold-start tokenizer" if cold_start else "")
     return PhaseRun(phase=phase, total=total, batch_size=phase_config.batch_size,
                     cold_start=cold_start, state=state, iterator=iterator, checkpointer=ckpt,
-                    pending=pending, train_step=compile_step(),
+                    pending=pending, code_reuse=code_reuse, train_step=compile_step(),
                     encoder_only_step=encoder_only_step,
                     tokenizer_every=phase_config.get("tokenizer_every", 1))
+
+  def _code_reuse(self, shardings, batch_shardings, cold_start: bool) -> code_cache.CodeReuse:
+    """Codes of the frozen tokenizer, computed once per clip (`encoder_phase.reuse_codes`)."""
+    models = self.models
+    spec = models.quantizer
+    codes_fn = jax.jit(
+        lambda s, b: steps.codes_step(s, b, models=models, cold_start=cold_start),
+        in_shardings=(shardings, batch_shardings), out_shardings=self.batch_sharding)
+    cache = code_cache.CodeCache(len(self.source), models.encoder.num_patches,
+                                 spec.num_codebooks * spec.soft_code, spec.codebook_size)
+    return code_cache.CodeReuse(cache, codes_fn, self.batch_sharding)
 
   def _check_finite(self, run: "PhaseRun") -> None:
     skipped = int(run.state.skipped_updates)
@@ -299,6 +323,7 @@ class PhaseRun:
   iterator: object
   checkpointer: checkpoint.PhaseCheckpointer
   pending: dict | None  # the first batch, already used to initialise the codebooks
+  code_reuse: code_cache.CodeReuse | None  # encoder_phase.reuse_codes
   train_step: object
   encoder_only_step: object | None  # joint phase: steps without the tokenizer term
   tokenizer_every: int

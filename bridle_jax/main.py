@@ -22,11 +22,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from bridle_jax import config_validation
 from bridle_jax import driver
 from bridle_jax import files
+from bridle_jax import prepare
 from bridle_jax.data import report
-from bridle_jax.data import demo
 from bridle_jax.evaluate import finetune
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/audio.py:demo.")
@@ -34,8 +33,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum("mode", None, ["train", "data", "finetune", "probe"],
                           "What to run (default: config.mode).")
 _DATA_BATCHES = flags.DEFINE_integer("data_batches", 20, "Batches read by --mode=data.")
-
-_PATH_FIELDS = ("demo_dir", "manifest", "label_csv")
 
 
 class _LibraryInfoFilter(std_logging.Filter):
@@ -74,15 +71,6 @@ def _check_writable(workdir: str) -> None:
     raise OSError(f"workdir {workdir} is not writable: {e.strerror or e}") from e
 
 
-def prepare(config, workdir: str) -> None:
-  """Validates the config, expands its paths and writes the demo corpus if configured."""
-  config_validation.validate_config(config)
-  for field in _PATH_FIELDS:
-    config.data[field] = config_validation.expand_path(config.data[field], workdir)
-  if config.data.demo_dir:
-    demo.write_demo_corpus(config.data.demo_dir, seed=config.seed)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -95,7 +83,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   try:
     _check_writable(workdir)
-    prepare(config, workdir)
+    prepare.prepare(config, workdir)
     mode = _MODE.value or config.get("mode", "train")
     if mode == "data":
       result = report.run_data_report(config, _DATA_BATCHES.value)

@@ -21,6 +21,8 @@ CONFIG_FILE = "config.json"
 # Fields that fix the shapes of what a checkpoint holds; a resumed or `init_from` run
 # must agree with the run that wrote it on these.
 SHAPE_FIELDS = ("model", "data.target_length", "data.num_mel_bins")
+# Fields of `model` that change how the step computes, not what it holds: free to change.
+SPEED_FIELDS = ("model.attention_impl", "model.remat", "model.decoder.attention_impl")
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -55,7 +57,7 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str,
   for field in fields:
     want, got = _flatten(_lookup(saved, field), field + "."), _flatten(_lookup(current, field),
                                                                        field + ".")
-    for key in sorted(set(want) | set(got)):
+    for key in sorted((set(want) | set(got)) - set(SPEED_FIELDS)):
       if want.get(key) != got.get(key):
         raise ValueError(f"{workdir} holds a run with a different config: {key} is "
                          f"{want.get(key)!r} there and {got.get(key)!r} now; use another "

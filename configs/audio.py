@@ -67,6 +67,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.mask_t_prob = 0.7
   m.mask_f_prob = 0.3
   m.pos_grid = "reference"     # reference (8x64 grid quirk) | time_freq
+  m.attention_impl = "auto"    # auto (cuDNN on GPU with bf16, else XLA) | xla | cudnn
+  m.remat = "none"             # none | dots | full: recompute blocks in the backward pass
   m.decoder = dec = ml_collections.ConfigDict()
   dec.mode = 1                 # 0 global transformer, 1 Swin local windows
   dec.width = 512
@@ -76,6 +78,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   dec.shift = 2
   dec.no_shift = False
   dec.meta_mlp_dropout = 0.1
+  dec.attention_impl = "xla"   # Swin window attention: xla | cudnn
   m.tokenizer = tok = ml_collections.ConfigDict()
   tok.estimator_depth = 3
   m.quantizer = q = ml_collections.ConfigDict()
@@ -94,6 +97,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # ---- training rounds ----
   c.rounds = ("encoder", "tokenizer", "encoder")  # first encoder phase: cold start
   c.encoder_phase = _phase(epochs=140, warmup_epochs=10, lr=5e-4, batch_size=1024)
+  # Compute the frozen tokenizer's codes once per clip and reuse them on later epochs;
+  # needs unaugmented input (data.roll_mag_aug=False, mixup=0, freqm=timem=0).
+  c.encoder_phase.reuse_codes = False
   c.tokenizer_phase = _phase(epochs=31, warmup_epochs=2, lr=2e-4, batch_size=1024)
   c.joint_phase = _phase(epochs=200, warmup_epochs=10, lr=5e-4, batch_size=1024)
   c.joint_phase.tokenizer_loss_ratio = 0.2

@@ -1,6 +1,5 @@
 """Phase checkpoints: exact round trips, retention, async commits, resharding on restore,
 interrupted saves, the progress file and grain iterator state."""
-import json
 import os
 import pathlib
 import shutil

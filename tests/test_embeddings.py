@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from bridle_jax import driver
-from bridle_jax import main as main_lib
+from bridle_jax import prepare as prepare_lib
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import demo
 from bridle_jax.evaluate import embeddings
@@ -34,7 +34,7 @@ def pretrained(corpus, tmp_path_factory):
   config.data.update(demo_dir="", manifest=corpus["train"], label_csv=corpus["label_csv"])
   config.rounds = ("encoder",)
   config.encoder_phase.steps = 10
-  main_lib.prepare(config, workdir)
+  prepare_lib.prepare(config, workdir)
   driver.train(config, workdir)
   return workdir
 

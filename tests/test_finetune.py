@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bridle_jax import config_validation
-from bridle_jax import main as main_lib
+from bridle_jax import prepare as prepare_lib
 from bridle_jax.data import demo
 from bridle_jax.evaluate import finetune
 from bridle_jax.evaluate import layer_decay
@@ -172,7 +172,7 @@ def _config(corpus, variant="demo", **finetune_fields):
 
 
 def _finetuner(config, workdir, mode, num_devices):
-  main_lib.prepare(config, str(workdir))
+  prepare_lib.prepare(config, str(workdir))
   config.mode = mode
   finetune.validate(config, mode)
   return finetune.Finetuner(config, str(workdir), mode, devices=jax.devices()[:num_devices])

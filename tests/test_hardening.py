@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from bridle_jax import driver
-from bridle_jax import main as main_lib
+from bridle_jax import prepare as prepare_lib
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import audio
 from bridle_jax.data import demo
@@ -174,7 +174,7 @@ def test_non_finite_batch_skips_the_update_and_is_counted(corpus, tmp_path):
   config.data.demo_dir, config.data.manifest = "", corpus["train"]
   config.data.label_csv = corpus["label_csv"]
   config.rounds = ("tokenizer",)
-  main_lib.prepare(config, str(tmp_path))
+  prepare_lib.prepare(config, str(tmp_path))
   trainer = driver.Trainer(config, str(tmp_path))
   run = trainer.setup_phase(driver.phases(config)[0], None)
   batch = run.next_batch()

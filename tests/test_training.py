@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bridle_jax import driver
-from bridle_jax import main as main_lib
+from bridle_jax import prepare as prepare_lib
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import demo
 from configs import audio as audio_config
@@ -34,7 +34,7 @@ def _config(corpus, workdir, rounds=("encoder", "tokenizer"), steps=16, **mesh):
   for kind in ("encoder", "tokenizer", "joint"):
     config[f"{kind}_phase"].steps = steps
   config.mesh.update(mesh)
-  main_lib.prepare(config, str(workdir))
+  prepare_lib.prepare(config, str(workdir))
   return config
 
 

@@ -7,6 +7,7 @@ batch, and run it all in worker processes. The iterator's state (`get_state` /
 fbank, SpecAugment and normalisation run later, on the device (`audio.features`).
 """
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import grain
@@ -22,9 +23,9 @@ from bridle_jax.data import augment
 class ClipLoader:
   """Turns a source record into a training example; `rng` drives the augmentations.
 
-  Returns {'waveform' (samples,), 'valid_frames', 'label' (num_classes,), 'skipped'}
-  or, for a clip that cannot be decoded, {'bad': reason} (logged with its path here,
-  counted and dropped by `SkipBadClips`).
+  Returns {'waveform' (samples,), 'valid_frames', 'label' (num_classes,), 'skipped',
+  'index' (the record's position in the source)} or, for a clip that cannot be decoded,
+  {'bad': reason} (logged with its path here, counted and dropped by `SkipBadClips`).
   """
   source: Sequence[dict]
   num_classes: int
@@ -67,7 +68,7 @@ class ClipLoader:
         label = augment.mix_labels(label, self._multi_hot(other["labels"]), lam)
     wave, valid_frames = audio.pad_or_crop(wave, self.target_length, self.sample_rate)
     return {"waveform": wave, "valid_frames": np.int32(valid_frames), "label": label,
-            "skipped": np.int32(0)}
+            "skipped": np.int32(0), "index": np.int64(record["index"])}
 
 
 class _SkipBadClipsIterator(grain.DatasetIterator):
@@ -115,6 +116,12 @@ class SkipBadClips(grain.IterDataset):
     return _SkipBadClipsIterator(self._parent.__iter__(), self._max_consecutive)
 
 
+def _with_index(index: int, record: dict, *, num_records: int) -> dict:
+  """The record with its position in the source (grain passes indices past the end
+  for later epochs)."""
+  return {**record, "index": index % num_records}
+
+
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
     raise ValueError(f"batch size {global_batch_size} is not divisible by the "
@@ -140,7 +147,9 @@ def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int
       roll_mag_gain_only=data_config.roll_mag_gain_only,
       mixup=data_config.mixup if train else 0.0, mixup_alpha=data_config.mixup_alpha,
       max_clip_seconds=data_config.get("max_clip_seconds", 0.0))
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = grain.MapDataset.source(source).map_with_index(
+      functools.partial(_with_index, num_records=len(source)))
+  ds = ds[process_index::process_count]
   if len(ds) < batch and train:
     raise ValueError(f"host shard holds {len(ds)} clips, fewer than one batch of {batch}")
   if train:

@@ -524,7 +524,7 @@ def run_fast_probe(config, workdir: str) -> dict:
 
 
 def run(config, workdir: str, mode: str | None = None) -> dict:
-  """Entry point of `bridle_jax.main` for modes finetune and probe (after main.prepare)."""
+  """Entry point of `bridle_jax.main` for modes finetune and probe (after prepare.prepare)."""
   mode = mode or config.mode
   config.mode = mode
   config.data.eval_manifest = config_validation.expand_path(config.data.eval_manifest, workdir)

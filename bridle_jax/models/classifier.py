@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from bridle_jax.models import masking
-from bridle_jax.models.layers import Attention, Dtype, Mlp, PatchEmbed, layer_norm, partitioned
+from bridle_jax.models.layers import (Attention, Dtype, Mlp, PatchEmbed, layer_norm, partitioned,
+                                      rematted)
 from bridle_jax.models.vit import ViTBackbone, backbone_kwargs
 
 HEAD_INIT_STD = 2e-5
@@ -40,7 +41,7 @@ class DropPathBlock(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -74,7 +75,8 @@ class Classifier(ViTBackbone):
         'cls_token', partitioned(nn.initializers.normal(0.02), None, None, 'embed'),
         (1, 1, self.width), self.param_dtype)
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
-    self.blocks = [DropPathBlock(self.num_heads, self.mlp_ratio, rate, self.dtype,
+    block = rematted(DropPathBlock, self.remat, static_argnums=(2,))
+    self.blocks = [block(self.num_heads, self.mlp_ratio, rate, self.dtype,
                                  self.param_dtype, self.attention_impl) for rate in rates]
     self.fc_norm = layer_norm(self.dtype, self.param_dtype)
     # timm's trunc_normal_(std=2e-5) cuts at +-2 absolute, i.e. +-1e5 standard deviations.

@@ -7,11 +7,10 @@ position bias and a cyclic shift along time only.
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridle_jax.models import layers, masking, pos_embed
+from bridle_jax.models import attention, layers, masking, pos_embed
 
 Dtype = Any
 
@@ -85,38 +84,51 @@ class MetaMlp(nn.Module):
                         "fc2")(h)
 
 
+def _unit(x):
+  """x / max(|x|, 1e-6) along the last axis, in float32."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
 class WindowAttention(nn.Module):
-  """Scaled cosine attention inside windows, batched over (B·windows, heads, n, n)."""
+  """Scaled cosine attention inside windows, the windows folded into the batch.
+
+  Logits q̂·k̂ / max(τ, 0.01) of unit vectors (equal to the reference's
+  q·k / max(|q||k|, 1e-6) / max(τ, 0.01) whenever |q|, |k| >= 1e-6) plus the meta-MLP
+  bias and the shift mask, as one fused attention call with scale 1.
+  """
   num_heads: int
   window: Sequence[int]
   meta_mlp_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
     """x: (B, windows, n, D); mask: (windows, n, n) additive or None."""
-    n, dim = x.shape[-2:]
+    batch, num_windows, n, dim = x.shape
     qkv = layers.QKVProjection(self.num_heads, self.dtype, self.param_dtype, name="qkv")(x)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-
-    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
-    logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q32, k32)
-    q_norm = jnp.linalg.norm(q32, axis=-1).transpose(0, 1, 3, 2)      # (B, w, h, n)
-    k_norm = jnp.linalg.norm(k32, axis=-1).transpose(0, 1, 3, 2)
-    logits = logits / jnp.maximum(q_norm[..., :, None] * k_norm[..., None, :], 1e-6)
     tau = self.param("tau", layers.partitioned(nn.initializers.ones, "heads"),
                      (self.num_heads,), self.param_dtype)
-    logits = logits / jnp.maximum(tau.astype(jnp.float32), 0.01)[:, None, None]
+    inv_tau = 1.0 / jnp.maximum(tau.astype(jnp.float32), 0.01)
+    q = (_unit(q) * inv_tau[:, None]).astype(self.dtype)
+    k = _unit(k).astype(self.dtype)
 
     bias = MetaMlp(self.num_heads, self.meta_mlp_dropout, param_dtype=self.param_dtype,
                    name="meta_mlp")(relative_coordinates_log(self.window), deterministic)
-    logits = logits + bias.T.reshape(self.num_heads, n, n)
+    bias = bias.T.reshape(1, self.num_heads, n, n)
     if mask is not None:
-      logits = logits + mask[:, None]
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      bias = bias + mask[:, None]                                     # (windows, h, n, n)
+    bias = jnp.broadcast_to(bias, (batch, num_windows, self.num_heads, n, n))
 
-    out = jnp.einsum("bwhqk,bwkhd->bwqhd", probs, v)
+    def fold(t):
+      return t.reshape(batch * num_windows, *t.shape[2:])
+
+    out = attention.attend(fold(q), fold(k), fold(v), self.attention_impl, bias=fold(bias),
+                           scale=1.0, pad_to=1)
+    out = out.reshape(batch, num_windows, n, self.num_heads, -1)
     return layers.HeadsProjection(dim, self.dtype, self.param_dtype, name="proj")(out)
 
 
@@ -133,6 +145,7 @@ class SwinBlock(nn.Module):
   meta_mlp_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -151,7 +164,7 @@ class SwinBlock(nn.Module):
       h = jnp.roll(h, -self.shift, axis=1)
       mask = jnp.asarray(shift_attention_mask(self.grid, self.window, self.shift))
     h = WindowAttention(self.num_heads, self.window, self.meta_mlp_dropout, self.dtype,
-                        self.param_dtype, name="attn")(
+                        self.param_dtype, self.attention_impl, name="attn")(
                             partition_windows(h, self.window), mask, deterministic)
     h = merge_windows(h, self.grid, self.window)
     if self.shift:
@@ -185,6 +198,9 @@ class Decoder(nn.Module):
   pos_grid: str = "reference"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"         # global blocks (modes 0, 2, 3)
+  window_attention_impl: str = "xla"   # Swin blocks (mode 1)
+  remat: str = "none"                  # see layers.REMAT_POLICIES
 
   @nn.compact
   def __call__(self, x, ids_restore, deterministic: bool = True):
@@ -205,16 +221,18 @@ class Decoder(nn.Module):
     if self.mode != 0:
       x = x[:, 1:]
 
+    swin_block = layers.rematted(SwinBlock, self.remat, static_argnums=(2,))
+    global_block = layers.rematted(layers.Block, self.remat)
     for i in range(self.depth):
       if self.mode == 1:
         shifted = i % 2 == 1 and not self.no_shift
-        x = SwinBlock(self.num_heads, tuple(self.grid), tuple(self.window),
-                      self.shift if shifted else 0, self.mlp_ratio, self.meta_mlp_dropout,
-                      self.dtype, self.param_dtype, name=f"decoder_blocks_{i}")(
-                          x, deterministic)
+        x = swin_block(self.num_heads, tuple(self.grid), tuple(self.window),
+                       self.shift if shifted else 0, self.mlp_ratio, self.meta_mlp_dropout,
+                       self.dtype, self.param_dtype, self.window_attention_impl,
+                       name=f"decoder_blocks_{i}")(x, deterministic)
       else:
-        x = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
-                         name=f"decoder_blocks_{i}")(x)
+        x = global_block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
+                         self.attention_impl, name=f"decoder_blocks_{i}")(x)
 
     x = layers.layer_norm(self.dtype, self.param_dtype, "decoder_norm")(x)
     x = layers.dense(self.num_tokens, ("embed", "vocab"), self.dtype, self.param_dtype,
@@ -232,4 +250,6 @@ def decoder_from_config(model_cfg, grid: Sequence[int], num_tokens: int) -> Deco
       depth=dec.depth, num_heads=dec.num_heads, mlp_ratio=model_cfg.mlp_ratio,
       window=tuple(dec.window), shift=dec.shift, no_shift=dec.no_shift,
       meta_mlp_dropout=dec.meta_mlp_dropout, pos_grid=model_cfg.pos_grid,
-      dtype=jnp.dtype(model_cfg.dtype))
+      dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get("attention_impl", "auto"),
+      window_attention_impl=dec.get("attention_impl", "xla"),
+      remat=model_cfg.get("remat", "none"))

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bridle_jax.models import attention
+
 Dtype = Any
 
 LN_EPS = 1e-6
@@ -101,13 +103,13 @@ class Attention(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None  # `implementation` of jax.nn.dot_product_attention
+  attention_impl: str = 'auto'  # see attention.IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x):
     qkv = QKVProjection(self.num_heads, self.dtype, self.param_dtype, name='qkv')(x)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # (B, N, heads, kv)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    out = attention.attend(q, k, v, self.attention_impl)
     return HeadsProjection(x.shape[-1], self.dtype, self.param_dtype, name='proj')(out)
 
 
@@ -120,7 +122,7 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -129,6 +131,27 @@ class Block(nn.Module):
                       name='attn')(y)
     y = layer_norm(self.dtype, self.param_dtype, 'norm2')(x)
     return x + Mlp(self.mlp_ratio, self.dtype, self.param_dtype, name='mlp')(y)
+
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def rematted(module_class, remat: str, static_argnums: tuple[int, ...] = ()):
+  """`module_class` recomputed in the backward pass under policy `remat` (see REMAT_POLICIES).
+
+  'none' returns it unchanged; 'full' keeps only each call's inputs; 'dots' also keeps the
+  outputs of the weight matmuls. Parameter names do not change. `static_argnums` counts
+  `self` as 0 and marks Python-valued arguments such as `deterministic`.
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat {remat!r} is not one of {', '.join(map(repr, REMAT_POLICIES))}")
+  if remat == 'none':
+    return module_class
+  return nn.remat(module_class, policy=REMAT_POLICIES[remat], static_argnums=static_argnums)
 
 
 def _symmetric_uniform(bound: float):

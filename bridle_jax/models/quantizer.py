@@ -177,6 +177,17 @@ def quantize(spec: QuantizerSpec, state: CodebookState, z: jax.Array):
   return z_q, codes, jnp.stack(losses), stats
 
 
+def stats_of_codes(spec: QuantizerSpec, codes: jax.Array) -> CodebookStats:
+  """Stats of already assigned codes (..., S * soft_code): the counts of `quantize`, zero sums.
+
+  For steps that reuse earlier codes: they need the usage counts, not an EMA update.
+  """
+  codes = codes.reshape(-1, spec.num_codebooks, spec.soft_code)
+  counts = jax.nn.one_hot(codes, spec.codebook_size, dtype=jnp.float32).sum(axis=(0, 2))
+  sums = jnp.zeros((spec.num_codebooks, spec.codebook_size, spec.code_dim), jnp.float32)
+  return CodebookStats(counts=counts, sums=sums)
+
+
 def ema_update(spec: QuantizerSpec, state: CodebookState,
                stats: CodebookStats) -> CodebookState:
   """Applies one EMA step with decay d (reference rule).

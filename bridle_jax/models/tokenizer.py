@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bridle_jax.models.layers import Block, Dtype, dense, layer_norm
+from bridle_jax.models.layers import Block, Dtype, dense, layer_norm, rematted
 from bridle_jax.models.pos_embed import audio_pos_embed
 from bridle_jax.models.vit import ViTBackbone, backbone_kwargs
 
@@ -71,15 +71,17 @@ class Estimator(nn.Module):
   pos_grid: str = 'reference'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str = 'auto'
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, z_q):
     x = dense(self.width, ('code', 'embed'), self.dtype, self.param_dtype, 'estimator_embed')(z_q)
     x = x.astype(jnp.float32) + audio_pos_embed(*self.grid, self.width, self.pos_grid,
                                                 cls=False)[None]
+    block = rematted(Block, self.remat)
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
+      x = block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
                 self.attention_impl, name=f'estimator_blocks_{i}')(x)
     x = layer_norm(self.dtype, self.param_dtype, 'estimator_norm')(x)
     x = dense(self.teacher_width, ('embed', 'vocab'), self.dtype, self.param_dtype,

@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bridle_jax.models import masking
-from bridle_jax.models.layers import Block, Dtype, PatchEmbed, layer_norm, partitioned
+from bridle_jax.models.layers import (Block, Dtype, PatchEmbed, layer_norm, partitioned,
+                                      rematted)
 from bridle_jax.models.pos_embed import audio_pos_embed
 
 
@@ -27,14 +28,16 @@ class ViTBackbone(nn.Module):
   pos_grid: str = 'reference'  # see pos_embed.audio_pos_embed; use 'time_freq' for images
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str = 'auto'
+  remat: str = 'none'  # see layers.REMAT_POLICIES
 
   def setup(self):
     self.patch_embed = PatchEmbed(self.width, self.patch_size, self.dtype, self.param_dtype)
     self.cls_token = self.param(
         'cls_token', partitioned(nn.initializers.normal(0.02), None, None, 'embed'),
         (1, 1, self.width), self.param_dtype)
-    self.blocks = [Block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
+    block = rematted(Block, self.remat)
+    self.blocks = [block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
                          self.attention_impl) for _ in range(self.depth)]
     self.norm = layer_norm(self.dtype, self.param_dtype)
 
@@ -96,7 +99,8 @@ def backbone_kwargs(model_cfg: Any, grid: tuple[int, int]) -> dict[str, Any]:
       grid=tuple(grid), width=model_cfg.width, depth=model_cfg.depth,
       num_heads=model_cfg.num_heads, mlp_ratio=model_cfg.mlp_ratio,
       patch_size=model_cfg.patch_size, pos_grid=model_cfg.pos_grid,
-      dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get('attention_impl', None))
+      dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get('attention_impl', 'auto'),
+      remat=model_cfg.get('remat', 'none'))
 
 
 def encoder_from_config(model_cfg: Any, grid: tuple[int, int]) -> Encoder:

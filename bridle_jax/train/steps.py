@@ -45,10 +45,20 @@ def _estimate(models: Models, params, codebooks, x):
   return codes, prediction, losses.mean(), stats
 
 
-def encoder_phase_loss(models: Models, params, codebooks, x, rng, *, cold_start: bool):
-  """Masked prediction of the frozen tokenizer's codes."""
+def tokenizer_codes(models: Models, params, codebooks, x, *, cold_start: bool):
+  """The frozen tokenizer's codes of x (B, L, S * soft_code) and their stats."""
   z = models.tokenizer.apply({"params": params["tokenizer"]}, x, cold_start=cold_start)
   _, codes, _, stats = quantizer.quantize(models.quantizer, codebooks, z)
+  return codes, stats
+
+
+def encoder_phase_loss(models: Models, params, codebooks, x, rng, *, cold_start: bool,
+                       codes=None):
+  """Masked prediction of the frozen tokenizer's codes (`codes` when given: reused ones)."""
+  if codes is None:
+    codes, stats = tokenizer_codes(models, params, codebooks, x, cold_start=cold_start)
+  else:
+    stats = quantizer.stats_of_codes(models.quantizer, codes)
   loss, metrics = _masked_prediction(models, params, x, codes, rng)
   return loss, (metrics, stats)
 
@@ -96,8 +106,12 @@ def train_step(state: TrainState, batch: dict, *, models: Models, loss_fn: Calla
     aug_rng, loss_rng = jax.random.split(micro_rng)
     x = models.features(micro_batch, aug_rng)  # SpecAugment only where data.freqm/timem > 0
 
+    # Encoder phases may get the tokenizer's codes with the batch (driver's code reuse).
+    reused = {"codes": micro_batch["codes"]} if "codes" in micro_batch else {}
+
     def loss_of(updated_params):
-      return loss_fn(models, {**frozen, **updated_params}, state.codebooks, x, loss_rng)
+      return loss_fn(models, {**frozen, **updated_params}, state.codebooks, x, loss_rng,
+                     **reused)
 
     (loss, (metrics, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(updated)
     return grads, {"loss": loss, **metrics}, stats
@@ -136,6 +150,12 @@ def train_step(state: TrainState, batch: dict, *, models: Models, loss_fn: Calla
       codebooks=keep_finite(codebooks, state.codebooks),
       skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
   return new_state, metrics, stats.counts
+
+
+def codes_step(state: TrainState, batch: dict, *, models: Models, cold_start: bool):
+  """Tokenizer codes of an unaugmented batch, for an encoder phase that reuses them."""
+  x = models.features(batch, None)
+  return tokenizer_codes(models, state.params, state.codebooks, x, cold_start=cold_start)[0]
 
 
 def prepare_codebooks(state: TrainState, batch: dict, *, models: Models, cold_start: bool):

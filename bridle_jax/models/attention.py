@@ -1,0 +1,53 @@
+"""Fused multi-head attention through `jax.nn.dot_product_attention`, with backend choice.
+
+Implementations: 'xla' (XLA's fused softmax attention; also the TPU path), 'cudnn' (cuDNN
+flash attention, GPU only, bf16/fp16 inputs), 'auto' (cuDNN on a GPU with a 16-bit compute
+dtype, XLA everywhere else). cuDNN refuses some sequence lengths (the ViT-B encoder sees 103
+tokens at mask 0.8), so for it q, k and v are zero-padded to a multiple of `CUDNN_BLOCK`
+tokens and the padding is excluded through the sequence-length arguments.
+"""
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+CUDNN_BLOCK = 128
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolve(implementation: str | None, dtype) -> str:
+  """The concrete implementation ('xla' or 'cudnn') for `dtype` on the default backend."""
+  if implementation in (None, "auto"):
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in _CUDNN_DTYPES else "xla"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} is not one of "
+                     f"{', '.join(map(repr, IMPLEMENTATIONS))}")
+  return implementation
+
+
+def attend(q, k, v, implementation: str | None = "auto", *, bias=None, scale=None,
+           pad_to: int = CUDNN_BLOCK):
+  """Softmax attention of q, k, v (B, N, heads, head_dim) -> (B, N, heads, head_dim).
+
+  bias: additive logits, broadcastable to (B, heads, N, N). Logits and softmax are float32
+  in both implementations. With cuDNN and N not a multiple of `pad_to`, the call runs on
+  N rounded up to it and returns the first N rows.
+  """
+  implementation = resolve(implementation, q.dtype)
+  if implementation == "cudnn" and bias is not None:
+    bias = bias.astype(q.dtype)
+  length = q.shape[1]
+  padding = -length % pad_to if implementation == "cudnn" else 0
+  if not padding:
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
+                                        implementation=implementation)
+  pad_tokens = [(0, 0), (0, padding), (0, 0), (0, 0)]
+  q, k, v = (jnp.pad(t, pad_tokens) for t in (q, k, v))
+  if bias is not None:
+    bias = jnp.pad(jnp.broadcast_to(bias, (q.shape[0], q.shape[2], length, length)),
+                   [(0, 0), (0, 0), (0, padding), (0, padding)])
+  lengths = jnp.full((q.shape[0],), length, jnp.int32)
+  out = jax.nn.dot_product_attention(
+      q, k, v, bias=bias, scale=scale, query_seq_lengths=lengths,
+      key_value_seq_lengths=lengths, implementation=implementation)
+  return out[:, :length]

@@ -1,0 +1,113 @@
+"""bfloat16 against float32: loss curves of the same run, and agreement of tokenizer codes.
+
+  python -m bridle_jax.precision_check --config=configs/audio.py:demo --workdir=/tmp/precision
+
+Trains every phase of `config.rounds` twice in `<workdir>/float32` and `<workdir>/bfloat16`
+(same seed, data order and initialisation; only `model.dtype` differs; the quantizer is
+float32 in both). Per phase it compares the mean loss over the last quarter of the steps
+with the float32 curve's step-to-step spread there (its standard deviation): a gap below
+that spread is within noise. Then it quantizes one batch with the float32 run's final
+tokenizer computed in float32 and in bfloat16 and reports, per codebook, the fraction of
+patches given the same code.
+"""
+import copy
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from bridle_jax import driver
+from bridle_jax import prepare
+from bridle_jax import workdir as workdir_lib
+from bridle_jax.data import pipeline
+from bridle_jax.data import sources
+from bridle_jax.models import quantizer
+from bridle_jax.train import state as state_lib
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/audio.py:demo.")
+  flags.DEFINE_string("workdir", None, "Empty directory for the two runs.")
+  flags.DEFINE_integer("code_batch", 64, "Clips quantized for the code agreement.")
+
+
+def train_both(config, workdir: str) -> dict:
+  """{dtype: {phase id: float32 array of per-step losses}} of two fresh runs."""
+  curves = {}
+  for dtype in DTYPES:
+    run_dir = os.path.join(workdir, dtype)
+    if os.path.exists(os.path.join(run_dir, workdir_lib.CONFIG_FILE)):
+      raise ValueError(f"{run_dir} already holds a run; use an empty --workdir")
+    run_config = copy.deepcopy(config)
+    run_config.model.dtype = dtype
+    trainer = driver.Trainer(run_config, run_dir)
+    trainer.run()
+    curves[dtype] = {phase: np.array([loss for _, loss in history], np.float32)
+                     for phase, history in trainer.loss_histories.items()}
+  return curves
+
+
+def compare_curves(reference: np.ndarray, other: np.ndarray) -> dict:
+  """Gap between the last-quarter mean losses, against the reference's spread there."""
+  tail = max(len(reference) // 4, 2)
+  gap = float(np.mean(other[-tail:]) - np.mean(reference[-tail:]))
+  noise = float(np.std(reference[-tail:]))
+  return {"float32_tail_mean": float(np.mean(reference[-tail:])),
+          "bfloat16_tail_mean": float(np.mean(other[-tail:])),
+          "gap": gap, "float32_tail_std": noise, "within_noise": abs(gap) <= noise,
+          "max_abs_step_gap": float(np.max(np.abs(other - reference)))}
+
+
+def code_agreement(config, workdir: str, num_clips: int) -> list[float]:
+  """Per codebook, the fraction of patches whose code is the same in float32 and bfloat16."""
+  run_config, models, pretrained = workdir_lib.load_pretrained(os.path.join(workdir, "float32"))
+  source = sources.open_source(config.data)
+  batch = next(iter(pipeline.build_dataset(
+      source, config.data, global_batch_size=min(num_clips, len(source)), seed=config.seed,
+      process_index=0, process_count=1, num_epochs=1, train=False)))
+  x = models.features({k: batch[k] for k in ("waveform", "valid_frames")}, None)
+  low_config = copy.deepcopy(run_config)
+  low_config.model.dtype = "bfloat16"
+  low_models = state_lib.build_models(low_config)
+  codes = []
+  for m in (models, low_models):
+    z = jax.jit(lambda p, x, m=m: m.tokenizer.apply({"params": p}, x, cold_start=False))(
+        pretrained["params"]["tokenizer"], x)
+    codes.append(np.asarray(quantizer.quantize(m.quantizer, pretrained["codebooks"], z)[1]))
+  spec = models.quantizer
+  same = (codes[0] == codes[1]).reshape(-1, spec.num_codebooks, spec.soft_code)
+  return same.mean(axis=(0, 2)).tolist()
+
+
+def run(config, workdir: str, code_batch: int) -> dict:
+  prepare.prepare(config, workdir)
+  curves = train_both(config, workdir)
+  phases = {phase: compare_curves(curves["float32"][phase], curves["bfloat16"][phase])
+            for phase in curves["float32"]}
+  return {"phases": phases, "code_agreement": code_agreement(config, workdir, code_batch)}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  try:
+    report = run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.code_batch)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,181 @@
+"""Attention backends (choice, cuDNN padding), window attention and rematerialisation."""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bridle_jax import config_validation
+from bridle_jax.data import audio
+from bridle_jax.models import attention, decoder, layers, quantizer
+from bridle_jax.train import optim, steps
+from bridle_jax.train import state as state_lib
+from configs import audio as audio_config
+
+
+def _qkv(rng, batch=2, length=103, heads=4, head_dim=8):
+  keys = jax.random.split(jax.random.key(rng), 3)
+  return [jax.random.normal(k, (batch, length, heads, head_dim)) for k in keys]
+
+
+def test_auto_resolves_to_xla_off_gpu_and_bad_names_raise():
+  assert jax.default_backend() == "cpu"
+  assert attention.resolve("auto", jnp.bfloat16) == "xla"
+  assert attention.resolve("cudnn", jnp.float32) == "cudnn"
+  with pytest.raises(ValueError, match="'flash'"):
+    attention.resolve("flash", jnp.float32)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cudnn_padding_leaves_the_result_unchanged(monkeypatch, with_bias):
+  """The cuDNN route pads 103 tokens to 128; padded keys must get no weight."""
+  calls = []
+  plain = jax.nn.dot_product_attention
+
+  def recording(q, k, v, **kwargs):
+    calls.append((q.shape, kwargs))
+    kwargs["implementation"] = "xla"   # run the padded call on this CPU
+    return plain(q, k, v, **kwargs)
+
+  q, k, v = _qkv(0)
+  bias = jax.random.normal(jax.random.key(5), (1, 4, 103, 103)) if with_bias else None
+  expected = plain(q, k, v, bias=bias, implementation="xla")
+  monkeypatch.setattr(attention.jax.nn, "dot_product_attention", recording)
+  out = attention.attend(q, k, v, "cudnn", bias=bias)
+
+  (shape, kwargs), = calls
+  assert shape == (2, 128, 4, 8)
+  np.testing.assert_array_equal(kwargs["key_value_seq_lengths"], [103, 103])
+  assert out.shape == q.shape
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_window_attention_equals_the_reference_formula():
+  """q·k / max(|q||k|, 1e-6) / max(τ, 0.01) + meta bias + shift mask, softmax, @ v."""
+  module = decoder.WindowAttention(num_heads=2, window=(2, 2))
+  x = jax.random.normal(jax.random.key(0), (3, 4, 4, 8))
+  mask = jnp.asarray(decoder.shift_attention_mask((4, 4), (2, 2), 1))
+  params = module.init(jax.random.key(1), x, mask)["params"]
+  params = dict(params)
+  params["tau"] = jnp.array([0.5, 0.005])  # the second head hits the 0.01 clamp
+  out = module.apply({"params": params}, x, mask)
+
+  qkv = layers.QKVProjection(2).apply({"params": params["qkv"]}, x)
+  q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+  logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k)
+  norms = jnp.einsum("bwqh,bwkh->bwhqk", jnp.linalg.norm(q, axis=-1), jnp.linalg.norm(k, axis=-1))
+  logits /= jnp.maximum(norms, 1e-6)
+  logits /= jnp.maximum(params["tau"], 0.01)[:, None, None]
+  bias = decoder.MetaMlp(2, 0.0).apply({"params": params["meta_mlp"]},
+                                       decoder.relative_coordinates_log((2, 2)))
+  logits += bias.T.reshape(2, 4, 4) + mask[:, None]
+  expected = jnp.einsum("bwhqk,bwkhd->bwqhd", jax.nn.softmax(logits, axis=-1), v)
+  expected = layers.HeadsProjection(8).apply({"params": params["proj"]}, expected)
+  np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+def _phase_step_text(kind: str, lowering_platform: str, **model_overrides):
+  """StableHLO text of the demo model's `kind` train step, lowered (not run) for a platform."""
+  config = audio_config.get_config("demo")
+  config.model.update(model_overrides.pop("model", {}))
+  config.model.decoder.update(model_overrides.pop("decoder", {}))
+  phase_config = config[f"{kind}_phase"]
+  models = state_lib.build_models(config)
+  tx = optim.adamw_direction(phase_config)
+  groups = steps.PHASE_GROUPS[kind]
+
+  def fresh(rng):
+    params_rng, codebook_rng = jax.random.split(rng)
+    return nn.unbox(state_lib.new_state(
+        state_lib.init_params(models, params_rng),
+        quantizer.init(models.quantizer, codebook_rng), groups, tx, rng))
+
+  state = jax.eval_shape(fresh, jax.random.key(0))
+  samples = audio.num_samples_for_frames(config.data.target_length, config.data.sample_rate)
+  batch = {"waveform": jax.ShapeDtypeStruct((4, samples), jnp.float32),
+           "valid_frames": jax.ShapeDtypeStruct((4,), jnp.int32)}
+  step = steps.phase_step(models, kind, phase_config, tx, optim.warmup_cosine(1e-3, 0.0, 1, 10))
+  lowered = jax.jit(step).trace(state, batch).lower(lowering_platforms=(lowering_platform,))
+  return lowered.as_text()
+
+
+@pytest.fixture
+def cudnn_lowering(monkeypatch):
+  """Lets this CPU-only jax lower cuDNN attention for CUDA (it only checks the cuDNN version)."""
+  fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+  if not hasattr(fused, "check_cudnn_version"):
+    pytest.skip("this jax version checks cuDNN differently")
+  monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "tokenizer", "joint"])
+def test_bf16_train_steps_lower_to_cudnn_flash_attention_on_gpu(cudnn_lowering, kind):
+  text = _phase_step_text(kind, "cuda", model={"dtype": "bfloat16", "attention_impl": "cudnn"},
+                          decoder={"attention_impl": "cudnn"})
+  targets = set(re.findall(r"__cudnn\$\w+", text))
+  assert {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"} <= targets
+  assert '"PADDING"' in text.replace('\\22', '"')  # the ViT's odd token count is padded
+  if kind != "tokenizer":  # the Swin decoder: window attention with the position bias
+    assert {"__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"} <= targets
+  # Nothing in the step talks to the host.
+  assert not re.search(r"callback|outfeed|infeed|stablehlo\.send|stablehlo\.recv", text)
+
+
+def test_xla_attention_stays_free_of_custom_calls():
+  text = _phase_step_text("encoder", "cpu", model={"attention_impl": "xla"})
+  assert "__cudnn" not in text and "custom_call" not in text
+
+
+def _demo_loss(remat: str, loss_fn, **kwargs):
+  """(params, loss of params) of the demo model with blocks rematerialised as `remat`."""
+  config = audio_config.get_config("demo")
+  config.model.remat = remat
+  models = state_lib.build_models(config)
+  params = jax.jit(lambda key: nn.unbox(state_lib.init_params(models, key)))(jax.random.key(0))
+  codebooks = quantizer.init(models.quantizer, jax.random.key(1))
+  x = jax.random.normal(jax.random.key(2), (2, *models.input_shape))
+  return params, lambda p: loss_fn(models, p, codebooks, x, jax.random.key(3), **kwargs)[0]
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_wraps_every_block_of_every_module(remat):
+  """Encoder, tokenizer and estimator blocks and the Swin decoder blocks are recomputed."""
+  config = audio_config.get_config("demo")
+  params, loss = _demo_loss(remat, steps.joint_phase_loss, with_tokenizer=True, ratio=0.2)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+  model = config.model
+  blocks = 2 * model.depth + model.decoder.depth + model.tokenizer.estimator_depth
+  assert jaxpr.count("remat") >= blocks
+  assert "remat" not in str(jax.make_jaxpr(jax.grad(_demo_loss(
+      "none", steps.joint_phase_loss, with_tokenizer=True, ratio=0.2)[1]))(params))
+
+
+def test_remat_keeps_params_loss_and_gradients():
+  """Recomputing blocks changes memory, not the parameter tree or the numbers."""
+  def loss_and_grads(remat):
+    params, loss = _demo_loss(remat, steps.encoder_phase_loss, cold_start=False)
+    return params, *jax.jit(jax.value_and_grad(loss))(params)
+
+  params, loss, grads = loss_and_grads("none")
+  params_r, loss_r, grads_r = loss_and_grads("full")
+  assert jax.tree.structure(params) == jax.tree.structure(params_r)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+    np.testing.assert_allclose(g_r, g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [("model.attention_impl", "flash"),
+                                          ("model.remat", "all"),
+                                          ("model.decoder.attention_impl", "auto")])
+def test_config_names_a_bad_speed_setting(field, value):
+  config = audio_config.get_config("demo")
+  config.data.manifest = config.data.label_csv = "x"
+  node = config
+  *parents, leaf = field.split(".")
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(config_validation.ConfigError, match=f"^{field}: '{value}'"):
+    config_validation.validate_config(config)

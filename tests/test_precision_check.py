@@ -1,0 +1,32 @@
+"""bfloat16 against float32 on a short demo run: losses within noise, codes agree."""
+import numpy as np
+import pytest
+
+from bridle_jax import precision_check
+from bridle_jax.data import demo
+from configs import audio as audio_config
+
+
+def test_compare_curves_flags_a_gap_beyond_the_spread():
+  rng = np.random.default_rng(0)
+  reference = 2.0 + 0.1 * rng.standard_normal(40)
+  close = precision_check.compare_curves(reference, reference + 0.02)
+  assert close["within_noise"] and close["gap"] == pytest.approx(0.02, abs=1e-6)
+  far = precision_check.compare_curves(reference, reference + 0.5)
+  assert not far["within_noise"] and far["max_abs_step_gap"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_bf16_demo_run_matches_float32(tmp_path):
+  corpus = demo.write_demo_corpus(tmp_path / "corpus", clips_per_class=4, eval_clips_per_class=1)
+  config = audio_config.get_config("demo")
+  config.data.demo_dir = ""
+  config.data.manifest, config.data.label_csv = corpus["train"], corpus["label_csv"]
+  config.rounds = ("tokenizer",)  # bf16 tokenizer and encoder, float32 quantizer and EMA
+  config.tokenizer_phase.steps = 16
+  report = precision_check.run(config, str(tmp_path / "runs"), code_batch=32)
+  assert set(report["phases"]) == {"p1_tokenizer"}
+  for phase, result in report["phases"].items():
+    assert result["within_noise"], (phase, result)
+  assert min(report["code_agreement"]) > 0.9, report["code_agreement"]
+  with pytest.raises(ValueError, match="already holds a run"):
+    precision_check.run(config, str(tmp_path / "runs"), code_batch=32)
