@@ -117,6 +117,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              f"{phase.grad_accum} does not divide {name}_phase.batch_size={phase.batch_size}")
     _require(phase.steps >= 0, f"{name}_phase.steps", f"must be >= 0, got {phase.steps}")
     _require(phase.clip_grad >= 0, f"{name}_phase.clip_grad", f"must be >= 0, got {phase.clip_grad}")
+    restart_every = phase.get("restart_unused_every", 0)
+    _require(restart_every >= 0, f"{name}_phase.restart_unused_every",
+             f"must be >= 0, got {restart_every}")
   if "joint" in config.rounds:
     _positive(config, "joint_phase.tokenizer_every")
   if config.encoder_phase.get("reuse_codes", False):

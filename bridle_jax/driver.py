@@ -148,6 +148,8 @@ class Trainer:
       batch = self.device_batch(host_batch)
       if run.code_reuse is not None:
         batch = run.code_reuse.attach(run.state, host_batch, batch)
+      if run.restart_step is not None and step and step % run.restart_every == 0:
+        run.state = run.restart_step(run.state, batch)
       run.state, metrics, counts = run.step_fn(step)(run.state, batch)
       step += 1
       phase_monitor.record(step, metrics)
@@ -223,10 +225,11 @@ class Trainer:
       state = self._initial_state(phase, fresh, rng, handoff, groups, tx, shardings, cold_start)
       if phase.kind != "encoder" or cold_start:
         pending = next(iterator)
-        prepare = jax.jit(
-            lambda s, b: steps.prepare_codebooks(s, b, models=models, cold_start=cold_start),
-            in_shardings=(shardings, batch_shardings), out_shardings=shardings, donate_argnums=0)
-        state = prepare(state, self.device_batch(pending))
+        state = self._codebook_step(shardings, batch_shardings, cold_start, kmeans=True)(
+            state, self.device_batch(pending))
+    restart_every = phase_config.get("restart_unused_every", 0)
+    restart_step = (self._codebook_step(shardings, batch_shardings, cold_start, kmeans=False)
+                    if restart_every else None)
 
     code_reuse = None
     if phase.kind == "encoder" and phase_config.get("reuse_codes", False):
@@ -245,9 +248,18 @@ class Trainer:
                  phase_config.batch_size, ", cold-start tokenizer" if cold_start else "")
     return PhaseRun(phase=phase, total=total, batch_size=phase_config.batch_size,
                     cold_start=cold_start, state=state, iterator=iterator, checkpointer=ckpt,
-                    pending=pending, code_reuse=code_reuse, train_step=compile_step(),
+                    pending=pending, code_reuse=code_reuse, restart_step=restart_step,
+                    restart_every=restart_every, train_step=compile_step(),
                     encoder_only_step=encoder_only_step,
                     tokenizer_every=phase_config.get("tokenizer_every", 1))
+
+  def _codebook_step(self, shardings, batch_shardings, cold_start: bool, kmeans: bool):
+    """Jitted `steps.prepare_codebooks`: k-means + restart, or the periodic restart alone."""
+    models = self.models
+    return jax.jit(
+        lambda s, b: steps.prepare_codebooks(s, b, models=models, cold_start=cold_start,
+                                             kmeans=kmeans),
+        in_shardings=(shardings, batch_shardings), out_shardings=shardings, donate_argnums=0)
 
   def _code_reuse(self, shardings, batch_shardings, cold_start: bool) -> code_cache.CodeReuse:
     """Codes of the frozen tokenizer, computed once per clip (`encoder_phase.reuse_codes`)."""
@@ -324,6 +336,8 @@ class PhaseRun:
   checkpointer: checkpoint.PhaseCheckpointer
   pending: dict | None  # the first batch, already used to initialise the codebooks
   code_reuse: code_cache.CodeReuse | None  # encoder_phase.reuse_codes
+  restart_step: object | None  # <phase>.restart_unused_every > 0: dead-code restart
+  restart_every: int
   train_step: object
   encoder_only_step: object | None  # joint phase: steps without the tokenizer term
   tokenizer_every: int

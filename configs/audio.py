@@ -102,6 +102,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.encoder_phase.reuse_codes = False
   c.tokenizer_phase = _phase(epochs=31, warmup_epochs=2, lr=2e-4, batch_size=1024)
   c.joint_phase = _phase(epochs=200, warmup_epochs=10, lr=5e-4, batch_size=1024)
+  # Restart codes unused in the batch every N steps (0: only on the first batch, as the
+  # reference does).
+  c.tokenizer_phase.restart_unused_every = 0
+  c.joint_phase.restart_unused_every = 0
   c.joint_phase.tokenizer_loss_ratio = 0.2
   c.joint_phase.tokenizer_every = 4
 
@@ -148,6 +152,9 @@ def _shrink_for_demo(c: ml_collections.ConfigDict) -> None:
     phase.epochs = 2
     phase.warmup_epochs = 0
     phase.lr = 1e-3
+  # 50-step tokenizer phases collapse to a third of the codes without periodic restarts.
+  c.tokenizer_phase.restart_unused_every = 5
+  c.joint_phase.restart_unused_every = 5
   c.checkpoint_every = 20
   c.log_every = 10
   c.usage_every = 10

@@ -158,14 +158,19 @@ def codes_step(state: TrainState, batch: dict, *, models: Models, cold_start: bo
   return tokenizer_codes(models, state.params, state.codebooks, x, cold_start=cold_start)[0]
 
 
-def prepare_codebooks(state: TrainState, batch: dict, *, models: Models, cold_start: bool):
-  """k-means initialisation and one dead-code restart on a phase's first batch."""
+def prepare_codebooks(state: TrainState, batch: dict, *, models: Models, cold_start: bool,
+                      kmeans: bool = True):
+  """k-means initialisation (when `kmeans` and the spec asks) and a dead-code restart.
+
+  Run on a phase's first batch; with kmeans=False, the periodic restart of
+  `<phase>.restart_unused_every`.
+  """
   spec = models.quantizer
   rng, kmeans_rng, restart_rng = jax.random.split(state.rng, 3)
   x = models.features(batch, None)
   z = models.tokenizer.apply({"params": state.params["tokenizer"]}, x, cold_start=cold_start)
   codebooks = state.codebooks
-  if spec.kmeans_init:
+  if kmeans and spec.kmeans_init:
     codebooks = quantizer.kmeans_init(spec, codebooks, z, kmeans_rng)
   if spec.restart_unused:
     _, _, _, stats = quantizer.quantize(spec, codebooks, z)

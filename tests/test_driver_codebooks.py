@@ -1,4 +1,4 @@
-"""Reusing the frozen tokenizer's codes across epochs of an encoder phase."""
+"""Codebook plumbing of the driver: tokenizer-code reuse and periodic dead-code restarts."""
 import jax
 import numpy as np
 import pytest
@@ -11,6 +11,7 @@ from bridle_jax.data import pipeline
 from bridle_jax.data import sources
 from bridle_jax.models import quantizer
 from bridle_jax.train import code_cache
+from bridle_jax.train import steps
 from configs import audio as audio_config
 
 
@@ -92,3 +93,50 @@ def test_reuse_needs_unaugmented_input(corpus, tmp_path):
   with pytest.raises(config_validation.ConfigError,
                      match=r"^encoder_phase.reuse_codes: .*data.roll_mag_aug, data.timem"):
     config_validation.validate_config(config)
+
+
+def test_periodic_restart_replaces_dead_codes_without_kmeans(corpus, tmp_path):
+  """kmeans=False: live codes stay, dead ones move onto batch vectors, no k-means rerun."""
+  config = _config(corpus, tmp_path, reuse=False)
+  trainer = driver.Trainer(config, str(tmp_path))
+  models = trainer.models
+  state = trainer.setup_phase(driver.Phase(0, "tokenizer"), None).state
+  batch = trainer.device_batch(next(iter(pipeline.build_dataset(
+      trainer.source, config.data, global_batch_size=16, seed=0))))
+  books = np.array(state.codebooks.codebooks)
+  books[:, :4] = 0.0
+  books[:, :4, 0] = 10.0  # far-off rows: codes 0-3 of every stage are dead
+  state = state.replace(codebooks=state.codebooks.replace(codebooks=books))
+  x = models.features(batch, None)
+  z = models.tokenizer.apply({"params": state.params["tokenizer"]}, x, cold_start=False)
+  counts = quantizer.quantize(models.quantizer, state.codebooks, z)[3].counts
+  dead = np.asarray(counts) == 0
+  assert dead[:, :4].all()
+
+  restarted = steps.prepare_codebooks(state, batch, models=models, cold_start=False,
+                                      kmeans=False).codebooks.codebooks
+  np.testing.assert_array_equal(np.asarray(restarted)[~dead], books[~dead])
+  assert not np.isclose(np.asarray(restarted)[dead], books[dead]).all(axis=-1).any()
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(restarted)[dead], axis=-1), 1.0,
+                             rtol=1e-5)
+
+
+def test_driver_restarts_every_n_steps(corpus, tmp_path, monkeypatch):
+  config = _config(corpus, tmp_path, reuse=False)
+  config.rounds = ("tokenizer",)
+  config.tokenizer_phase.steps = 7
+  config.tokenizer_phase.restart_unused_every = 3
+  calls = []
+  build = driver.Trainer._codebook_step
+
+  def counting(self, *args, kmeans):
+    step_fn = build(self, *args, kmeans=kmeans)
+
+    def wrapped(state, batch):
+      calls.append((kmeans, int(state.step)))
+      return step_fn(state, batch)
+    return wrapped
+
+  monkeypatch.setattr(driver.Trainer, "_codebook_step", counting)
+  driver.Trainer(config, str(tmp_path)).run()
+  assert calls == [(True, 0), (False, 3), (False, 6)]
