@@ -305,12 +305,15 @@ class Trainer:
 class PreemptionNotice:
   """Turns SIGTERM (the preemption notice of TPU and cloud schedulers) into a flag.
 
-  On several hosts, jax's preemption sync point makes all of them agree on the step.
+  In a multi-process job jax's own SIGTERM notifier (installed by
+  `jax.distributed.initialize`) tells the coordinator, and the preemption sync point makes
+  every process stop at the same step; a Python handler would hide the signal from it.
   """
 
   def __init__(self):
     self._received = False
-    if threading.current_thread() is threading.main_thread():
+    single = jax.process_count() == 1
+    if single and threading.current_thread() is threading.main_thread():
       signal.signal(signal.SIGTERM, self._on_signal)
 
   def _on_signal(self, signum, frame):

@@ -17,11 +17,13 @@ import logging as std_logging
 import os
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from bridle_jax import distributed
 from bridle_jax import driver
 from bridle_jax import files
 from bridle_jax import prepare
@@ -33,6 +35,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum("mode", None, ["train", "data", "finetune", "probe"],
                           "What to run (default: config.mode).")
 _DATA_BATCHES = flags.DEFINE_integer("data_batches", 20, "Batches read by --mode=data.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-process job (TPU pod slice, multi-node GPU) first; "
+    "TPU, SLURM and Open MPI jobs need no other flag.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (with --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 
 
 class _LibraryInfoFilter(std_logging.Filter):
@@ -64,7 +73,7 @@ def _fail(message: str, code: int = 2):
 def _check_writable(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
     files.write_atomic(probe, b"")
     os.remove(probe)
   except OSError as e:
@@ -81,6 +90,8 @@ def main(argv):
   if not workdir:
     raise app.UsageError("--workdir is required")
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  if _DISTRIBUTED.value:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     _check_writable(workdir)
     prepare.prepare(config, workdir)

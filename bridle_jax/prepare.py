@@ -1,4 +1,7 @@
 """What every command does with a config first: check it, expand its paths, write demo data."""
+import jax
+from jax.experimental import multihost_utils
+
 from bridle_jax import config_validation
 from bridle_jax.data import demo
 
@@ -11,4 +14,7 @@ def prepare(config, workdir: str) -> None:
   for field in PATH_FIELDS:
     config.data[field] = config_validation.expand_path(config.data[field], workdir)
   if config.data.demo_dir:
-    demo.write_demo_corpus(config.data.demo_dir, seed=config.seed)
+    if jax.process_index() == 0:
+      demo.write_demo_corpus(config.data.demo_dir, seed=config.seed)
+    if jax.process_count() > 1:  # the others read it once process 0 has written it
+      multihost_utils.sync_global_devices("demo corpus written")
