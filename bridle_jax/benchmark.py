@@ -1,6 +1,6 @@
 """Step and input-pipeline throughput of a phase, optionally logged to BENCHMARKS.md.
 
-  python -m bridle_jax.benchmark --config=configs/audio.py --phase=encoder --batch=64 \
+  python -m bridle_jax.benchmark --config=configs/audio.py --phase=encoder --batch=64,128,256 \
       [--steps=20] [--warmup=3] [--repeats=3] [--dtype=bfloat16] [--write]
   python -m bridle_jax.benchmark --config=configs/audio.py:demo --phase=encoder --batch=16
   python -m bridle_jax.benchmark --config=configs/audio.py:demo --input --workdir=/tmp/bench
@@ -11,6 +11,8 @@ data is read. Step time is the median over `--repeats` timed loops of `--steps` 
 each loop ended by one block_until_ready. FLOPs come from XLA's cost analysis of the
 compiled step; MFU is against the device's dense bf16 peak. `--input` instead times the
 grain pipeline of `config.data` on the host (the demo corpus is written to `--workdir`).
+Several `--batch` sizes are measured one after the other; one that runs out of device
+memory is reported as such, and the fastest is named at the end.
 """
 import datetime
 import os
@@ -42,7 +44,8 @@ def _define_flags():
   """Command-line flags; defined only when run as a command (main.py owns --config too)."""
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/audio.py:demo.")
   flags.DEFINE_enum("phase", "encoder", ["encoder", "tokenizer", "joint"], "Phase to time.")
-  flags.DEFINE_integer("batch", 64, "Global batch size.")
+  flags.DEFINE_list("batch", ["64"], "Global batch size, or several to sweep (64,128,256); "
+                    "a size that runs out of device memory is reported and skipped.")
   flags.DEFINE_integer("steps", 20, "Steps (or input batches) per timed loop.")
   flags.DEFINE_integer("warmup", 3, "Untimed steps (or batches) before timing.")
   flags.DEFINE_integer("repeats", 3, "Timed loops; the step time is their median.")
@@ -220,6 +223,25 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
   }
 
 
+def sweep_batches(run_one, batches) -> dict:
+  """{batch: run_one(batch)}, None where the device ran out of memory."""
+  reports = {}
+  for batch in batches:
+    try:
+      reports[batch] = run_one(batch)
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      reports[batch] = None
+  return reports
+
+
+def best_batch(reports: dict) -> int | None:
+  """The batch with the most samples/s among those that ran."""
+  ran = {b: r["samples_per_second"] for b, r in reports.items() if r is not None}
+  return max(ran, key=ran.get) if ran else None
+
+
 def run_input_benchmark(config, workdir: str, batch: int, num_batches: int,
                         warmup: int) -> dict:
   """Times the grain pipeline of `config.data` on this host; returns the report."""
@@ -301,19 +323,31 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/audio.py:demo")
   if flags.FLAGS.dtype:
     config.model.dtype = flags.FLAGS.dtype
+  try:
+    batches = [int(b) for b in flags.FLAGS.batch]
+  except ValueError as e:
+    raise app.UsageError(f"--batch takes integers: {e}") from e
   if flags.FLAGS.input:
     if not flags.FLAGS.workdir and "{workdir}" in config.data.manifest:
       raise app.UsageError("--input with this config needs --workdir")
-    report = run_input_benchmark(config, flags.FLAGS.workdir or "", flags.FLAGS.batch, flags.FLAGS.steps,
-                                 flags.FLAGS.warmup)
+    reports = {b: run_input_benchmark(config, flags.FLAGS.workdir or "", b, flags.FLAGS.steps,
+                                      flags.FLAGS.warmup) for b in batches}
   else:
-    report = run_step_benchmark(config, flags.FLAGS.phase, flags.FLAGS.batch, flags.FLAGS.steps, flags.FLAGS.warmup,
-                                flags.FLAGS.repeats)
-  print(format_report(report))
-  if flags.FLAGS.write and jax.process_index() == 0:
-    command = shlex.join(["python", "-m", "bridle_jax.benchmark", *sys.argv[1:]])
-    append_row(flags.FLAGS.benchmarks_file, table_row(report, command))
-    print(f"row appended to {flags.FLAGS.benchmarks_file}")
+    reports = sweep_batches(
+        lambda b: run_step_benchmark(config, flags.FLAGS.phase, b, flags.FLAGS.steps,
+                                     flags.FLAGS.warmup, flags.FLAGS.repeats), batches)
+  command = shlex.join(["python", "-m", "bridle_jax.benchmark", *sys.argv[1:]])
+  for batch, report in reports.items():
+    if report is None:
+      print(f"batch {batch}: out of device memory\n")
+      continue
+    print(format_report(report) + "\n")
+    if flags.FLAGS.write and jax.process_index() == 0:
+      append_row(flags.FLAGS.benchmarks_file, table_row(report, command))
+      print(f"row appended to {flags.FLAGS.benchmarks_file}\n")
+  best = best_batch(reports)
+  if len(reports) > 1 and best is not None:
+    print(f"best batch: {best} ({reports[best]['samples_per_second']:.1f} samples/s)")
 
 
 if __name__ == "__main__":

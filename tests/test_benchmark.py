@@ -48,14 +48,14 @@ def test_tokenizer_phase_reports_throughput_and_flops():
   assert "samples/s" in benchmark.format_report(report)
 
 
-def test_command_reports_and_appends_one_row(tmp_path):
+def test_command_sweeps_batches_and_appends_a_row_each(tmp_path):
   table = tmp_path / "BENCHMARKS.md"
   table.write_text("# Benchmarks\n\nintro\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   result = subprocess.run(
       [sys.executable, "-m", "bridle_jax.benchmark", "--config=configs/audio.py:demo",
-       "--config.model.depth=1", "--phase=encoder", "--batch=8", "--steps=2", "--warmup=1",
+       "--config.model.depth=1", "--phase=encoder", "--batch=8,16", "--steps=2", "--warmup=1",
        "--repeats=1", "--write", f"--benchmarks_file={table}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -63,12 +63,14 @@ def test_command_reports_and_appends_one_row(tmp_path):
   assert float(re.search(r"^GFLOP/step \(XLA\)\s+([\d.]+)", result.stdout, re.M).group(1)) > 0
   text = table.read_text()
   assert text.startswith("# Benchmarks\n\nintro\n")
+  assert re.search(r"^best batch: (8|16) \([\d.]+ samples/s\)$", result.stdout, re.M)
   rows = [line for line in text.splitlines() if line.startswith("| 2")]
-  assert len(rows) == 1
-  cells = [c.strip() for c in rows[0].strip("|").split(" | ")]
-  assert len(cells) == len(benchmark.COLUMNS)
-  assert cells[1] == "cpu x2" and cells[3:6] == ["encoder", "8", "float32"]
-  assert cells[-1].startswith("`python -m bridle_jax.benchmark --config=configs/audio.py:demo")
+  assert len(rows) == 2
+  for row, batch in zip(rows, ("8", "16")):
+    cells = [c.strip() for c in row.strip("|").split(" | ")]
+    assert len(cells) == len(benchmark.COLUMNS)
+    assert cells[1] == "cpu x2" and cells[3:6] == ["encoder", batch, "float32"]
+    assert cells[-1].startswith("`python -m bridle_jax.benchmark --config=configs/audio.py:demo")
 
 
 def test_append_row_keeps_one_table(tmp_path):
@@ -103,3 +105,20 @@ def test_peak_tflops(platform, kind, peak):
 def test_cost_flops_reads_dict_or_list(cost):
   compiled = type("Compiled", (), {"cost_analysis": lambda self: cost})()
   assert benchmark.cost_flops(compiled) == 5.0
+
+
+def test_sweep_skips_batches_that_run_out_of_memory_and_names_the_best():
+  def run_one(batch):
+    if batch == 512:
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 80 GiB")
+    return {"samples_per_second": {64: 900.0, 128: 1100.0, 256: 1050.0}[batch]}
+
+  reports = benchmark.sweep_batches(run_one, [64, 128, 256, 512])
+  assert reports[512] is None and reports[128]["samples_per_second"] == 1100.0
+  assert benchmark.best_batch(reports) == 128
+  assert benchmark.best_batch({512: None}) is None
+
+  def broken(batch):
+    raise jax.errors.JaxRuntimeError("INTERNAL: cuDNN failed")
+  with pytest.raises(jax.errors.JaxRuntimeError, match="cuDNN"):
+    benchmark.sweep_batches(broken, [64])
