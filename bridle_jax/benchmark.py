@@ -242,10 +242,8 @@ def best_batch(reports: dict) -> int | None:
   return max(ran, key=ran.get) if ran else None
 
 
-def run_input_benchmark(config, workdir: str, batch: int, num_batches: int,
-                        warmup: int) -> dict:
-  """Times the grain pipeline of `config.data` on this host; returns the report."""
-  prepare.prepare(config, workdir)
+def run_input_benchmark(config, batch: int, num_batches: int, warmup: int) -> dict:
+  """Times the grain pipeline of `config.data` (prepared) on this host; returns the report."""
   source = sources.open_source(config.data)
   iterator = iter(pipeline.build_dataset(source, config.data, global_batch_size=batch,
                                          seed=config.seed))
@@ -330,8 +328,9 @@ def main(argv):
   if flags.FLAGS.input:
     if not flags.FLAGS.workdir and "{workdir}" in config.data.manifest:
       raise app.UsageError("--input with this config needs --workdir")
-    reports = {b: run_input_benchmark(config, flags.FLAGS.workdir or "", b, flags.FLAGS.steps,
-                                      flags.FLAGS.warmup) for b in batches}
+    prepare.prepare(config, flags.FLAGS.workdir or "")
+    reports = {b: run_input_benchmark(config, b, flags.FLAGS.steps, flags.FLAGS.warmup)
+               for b in batches}
   else:
     reports = sweep_batches(
         lambda b: run_step_benchmark(config, flags.FLAGS.phase, b, flags.FLAGS.steps,

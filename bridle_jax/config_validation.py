@@ -72,6 +72,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "model.pos_grid", POS_GRIDS)
   _one_of(config, "model.attention_impl", attention.IMPLEMENTATIONS)
   _one_of(config, "model.remat", tuple(layers.REMAT_POLICIES))
+  for field in ("model.attention_impl", "model.decoder.attention_impl"):
+    _require(_get(config, field) != "cudnn" or m.dtype == "bfloat16", field,
+             f"'cudnn' needs model.dtype='bfloat16', got {m.dtype!r}")
   _require(m.width % m.num_heads == 0, "model.width",
            f"{m.width} is not divisible by model.num_heads={m.num_heads}")
   _require(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", f"must lie in [0, 1), got {m.mask_ratio}")
@@ -90,6 +93,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                f"{tuple(dec.window)} does not tile the {grid[0]}x{grid[1]} patch grid (axis {axis})")
     _require(0 <= dec.shift < dec.window[0], "model.decoder.shift",
              f"must lie in [0, window[0]={dec.window[0]}), got {dec.shift}")
+    window_tokens = dec.window[0] * dec.window[1]
+    _require(dec.attention_impl != "cudnn" or window_tokens % 2 == 0,
+             "model.decoder.attention_impl", f"'cudnn' needs an even number of tokens per "
+             f"window (trained with a bias), model.decoder.window gives {window_tokens}")
 
   q = m.quantizer
   _one_of(config, "model.quantizer.type", QUANTIZER_TYPES)
@@ -120,6 +127,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     restart_every = phase.get("restart_unused_every", 0)
     _require(restart_every >= 0, f"{name}_phase.restart_unused_every",
              f"must be >= 0, got {restart_every}")
+    _require(restart_every == 0 or q.restart_unused, f"{name}_phase.restart_unused_every",
+             "restarts need model.quantizer.restart_unused=True")
   if "joint" in config.rounds:
     _positive(config, "joint_phase.tokenizer_every")
   if config.encoder_phase.get("reuse_codes", False):

@@ -269,7 +269,8 @@ class Trainer:
         lambda s, b: steps.codes_step(s, b, models=models, cold_start=cold_start),
         in_shardings=(shardings, batch_shardings), out_shardings=self.batch_sharding)
     cache = code_cache.CodeCache(len(self.source), models.encoder.num_patches,
-                                 spec.num_codebooks * spec.soft_code, spec.codebook_size)
+                                 spec.num_codebooks * spec.soft_code, spec.codebook_size,
+                                 jax.process_count())
     return code_cache.CodeReuse(cache, codes_fn, self.batch_sharding)
 
   def _check_finite(self, run: "PhaseRun") -> None:

@@ -2,13 +2,14 @@
 
   python -m bridle_jax.precision_check --config=configs/audio.py:demo --workdir=/tmp/precision
 
-Trains every phase of `config.rounds` twice in `<workdir>/float32` and `<workdir>/bfloat16`
-(same seed, data order and initialisation; only `model.dtype` differs; the quantizer is
-float32 in both). Per phase it compares the mean loss over the last quarter of the steps
-with the float32 curve's step-to-step spread there (its standard deviation): a gap below
-that spread is within noise. Then it quantizes one batch with the float32 run's final
-tokenizer computed in float32 and in bfloat16 and reports, per codebook, the fraction of
-patches given the same code.
+Trains every phase of `config.rounds` three times: in float32, in bfloat16 (same seed, data
+order and initialisation; only `model.dtype` differs; the quantizer is float32 in both), and
+in float32 with the next seed, which measures how far two equally valid float32 runs end
+apart. Per phase it compares the mean losses over the last quarter of the steps: bfloat16
+is within noise when its gap to float32 is no larger than the other seed's gap plus twice
+the standard error of the float32 tail mean. Then it quantizes one batch with the float32
+run's final tokenizer computed in float32 and in bfloat16 and reports, per codebook, the
+fraction of patches given the same code.
 """
 import copy
 import json
@@ -29,40 +30,45 @@ from bridle_jax.data import sources
 from bridle_jax.models import quantizer
 from bridle_jax.train import state as state_lib
 
-DTYPES = ("float32", "bfloat16")
+# Run name -> (model.dtype, seed offset).
+RUNS = {"float32": ("float32", 0), "bfloat16": ("bfloat16", 0),
+        "float32_next_seed": ("float32", 1)}
 
 
 def _define_flags():
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/audio.py:demo.")
-  flags.DEFINE_string("workdir", None, "Empty directory for the two runs.")
+  flags.DEFINE_string("workdir", None, "Empty directory for the three runs.")
   flags.DEFINE_integer("code_batch", 64, "Clips quantized for the code agreement.")
 
 
-def train_both(config, workdir: str) -> dict:
-  """{dtype: {phase id: float32 array of per-step losses}} of two fresh runs."""
+def train_runs(config, workdir: str) -> dict:
+  """{run name: {phase id: float32 array of per-step losses}} of the RUNS, all fresh."""
+  for name in RUNS:
+    if os.path.exists(os.path.join(workdir, name, workdir_lib.CONFIG_FILE)):
+      raise ValueError(f"{os.path.join(workdir, name)} already holds a run; use an empty "
+                       "--workdir")
   curves = {}
-  for dtype in DTYPES:
-    run_dir = os.path.join(workdir, dtype)
-    if os.path.exists(os.path.join(run_dir, workdir_lib.CONFIG_FILE)):
-      raise ValueError(f"{run_dir} already holds a run; use an empty --workdir")
+  for name, (dtype, seed_offset) in RUNS.items():
     run_config = copy.deepcopy(config)
     run_config.model.dtype = dtype
-    trainer = driver.Trainer(run_config, run_dir)
+    run_config.seed += seed_offset
+    trainer = driver.Trainer(run_config, os.path.join(workdir, name))
     trainer.run()
-    curves[dtype] = {phase: np.array([loss for _, loss in history], np.float32)
-                     for phase, history in trainer.loss_histories.items()}
+    curves[name] = {phase: np.array([loss for _, loss in history], np.float32)
+                    for phase, history in trainer.loss_histories.items()}
   return curves
 
 
-def compare_curves(reference: np.ndarray, other: np.ndarray) -> dict:
-  """Gap between the last-quarter mean losses, against the reference's spread there."""
+def compare_curves(reference: np.ndarray, bf16: np.ndarray, next_seed: np.ndarray) -> dict:
+  """bf16's last-quarter mean loss against float32's, and the gap a new seed makes."""
   tail = max(len(reference) // 4, 2)
-  gap = float(np.mean(other[-tail:]) - np.mean(reference[-tail:]))
-  noise = float(np.std(reference[-tail:]))
-  return {"float32_tail_mean": float(np.mean(reference[-tail:])),
-          "bfloat16_tail_mean": float(np.mean(other[-tail:])),
-          "gap": gap, "float32_tail_std": noise, "within_noise": abs(gap) <= noise,
-          "max_abs_step_gap": float(np.max(np.abs(other - reference)))}
+  means = [float(np.mean(curve[-tail:])) for curve in (reference, bf16, next_seed)]
+  gap, seed_gap = means[1] - means[0], means[2] - means[0]
+  standard_error = float(np.std(reference[-tail:]) / np.sqrt(tail))
+  return {"float32_tail_mean": means[0], "bfloat16_tail_mean": means[1],
+          "float32_next_seed_tail_mean": means[2], "gap": gap, "seed_gap": seed_gap,
+          "float32_tail_standard_error": standard_error,
+          "within_noise": abs(gap) <= abs(seed_gap) + 2 * standard_error}
 
 
 def code_agreement(config, workdir: str, num_clips: int) -> list[float]:
@@ -88,8 +94,8 @@ def code_agreement(config, workdir: str, num_clips: int) -> list[float]:
 
 def run(config, workdir: str, code_batch: int) -> dict:
   prepare.prepare(config, workdir)
-  curves = train_both(config, workdir)
-  phases = {phase: compare_curves(curves["float32"][phase], curves["bfloat16"][phase])
+  curves = train_runs(config, workdir)
+  phases = {phase: compare_curves(*(curves[name][phase] for name in RUNS))
             for phase in curves["float32"]}
   return {"phases": phases, "code_agreement": code_agreement(config, workdir, code_batch)}
 

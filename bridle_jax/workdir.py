@@ -21,8 +21,10 @@ CONFIG_FILE = "config.json"
 # Fields that fix the shapes of what a checkpoint holds; a resumed or `init_from` run
 # must agree with the run that wrote it on these.
 SHAPE_FIELDS = ("model", "data.target_length", "data.num_mel_bins")
-# Fields of `model` that change how the step computes, not what it holds: free to change.
-SPEED_FIELDS = ("model.attention_impl", "model.remat", "model.decoder.attention_impl")
+# Fields of `model` that change how the step computes, not what it holds: free to change,
+# and reset to these portable values when a finished run is loaded for inference.
+SPEED_DEFAULTS = {"model.attention_impl": "auto", "model.remat": "none",
+                  "model.decoder.attention_impl": "xla"}
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -57,7 +59,7 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str,
   for field in fields:
     want, got = _flatten(_lookup(saved, field), field + "."), _flatten(_lookup(current, field),
                                                                        field + ".")
-    for key in sorted((set(want) | set(got)) - set(SPEED_FIELDS)):
+    for key in sorted((set(want) | set(got)) - set(SPEED_DEFAULTS)):
       if want.get(key) != got.get(key):
         raise ValueError(f"{workdir} holds a run with a different config: {key} is "
                          f"{want.get(key)!r} there and {got.get(key)!r} now; use another "
@@ -112,7 +114,8 @@ def restore_final(directory: str, abstract: dict) -> dict:
 def load_pretrained(workdir: str, phase_id: str | None = None):
   """(config, models, {'params', 'codebooks'}) of a finished phase, on the default device.
 
-  phase_id defaults to the last finished phase.
+  phase_id defaults to the last finished phase. The run's speed settings are replaced by
+  SPEED_DEFAULTS, so a run trained with cuDNN attention or remat loads anywhere.
   """
   config = load_config(workdir)
   done = finished_phases(workdir)
@@ -122,6 +125,12 @@ def load_pretrained(workdir: str, phase_id: str | None = None):
     phase_id = done[-1]
   elif phase_id not in done:
     raise FileNotFoundError(f"{workdir}: phase {phase_id!r} is not finished (finished: {done})")
+  for field, value in SPEED_DEFAULTS.items():  # e.g. a cuDNN run read back on a CPU
+    *parents, name = field.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[name] = value
   models = state_lib.build_models(config)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),

@@ -7,6 +7,8 @@
 #       --config.data.label_csv=/mnt/shared/class_labels_indices.csv
 #
 # --setup copies this checkout to ~/bridle_jax on every host and installs it with jax[tpu].
+# The run holds the ssh session: start it from tmux (or screen) so that a dropped
+# connection does not end the job.
 # Every host then runs `python -m bridle_jax.main --distributed` with the same arguments;
 # jax finds the slice's coordinator itself. WORKDIR and the data must be paths every host
 # sees (a Filestore/NFS mount, or a gcsfuse mount of a bucket): all hosts write their
@@ -26,7 +28,7 @@ if [[ "${1:-}" == "--setup" ]]; then
   on_all_hosts "rm -rf ~/$REMOTE_DIR"
   gcloud compute tpus tpu-vm scp --recurse --zone "$ZONE" --worker=all "$repo" \
     "$TPU_NAME:~/$REMOTE_DIR"
-  on_all_hosts "cd ~/$REMOTE_DIR && python3 -m pip install -q -U 'jax[tpu]' && python3 -m pip install -q -e ."
+  on_all_hosts "cd ~/$REMOTE_DIR && python3 -m pip install -q -e . 'jax[tpu]'"
   exit 0
 fi
 

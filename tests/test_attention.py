@@ -22,10 +22,19 @@ def _qkv(rng, batch=2, length=103, heads=4, head_dim=8):
 
 def test_auto_resolves_to_xla_off_gpu_and_bad_names_raise():
   assert jax.default_backend() == "cpu"
-  assert attention.resolve("auto", jnp.bfloat16) == "xla"
-  assert attention.resolve("cudnn", jnp.float32) == "cudnn"
+  assert attention.resolve("auto", jnp.bfloat16, 64) == "xla"
+  assert attention.resolve("cudnn", jnp.float32, 64) == "cudnn"
   with pytest.raises(ValueError, match="'flash'"):
-    attention.resolve("flash", jnp.float32)
+    attention.resolve("flash", jnp.float32, 64)
+
+
+@pytest.mark.parametrize("dtype, head_dim, expected", [
+    (jnp.bfloat16, 64, "cudnn"), (jnp.float16, 128, "cudnn"), (jnp.float32, 64, "xla"),
+    (jnp.bfloat16, 36, "xla"), (jnp.bfloat16, 256, "xla")])
+def test_auto_on_a_gpu_takes_cudnn_only_where_it_accepts_the_call(monkeypatch, dtype, head_dim,
+                                                                   expected):
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  assert attention.resolve("auto", dtype, head_dim) == expected
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -166,16 +175,25 @@ def test_remat_keeps_params_loss_and_gradients():
     np.testing.assert_allclose(g_r, g, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("field, value", [("model.attention_impl", "flash"),
-                                          ("model.remat", "all"),
-                                          ("model.decoder.attention_impl", "auto")])
-def test_config_names_a_bad_speed_setting(field, value):
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.attention_impl": "flash"}, "^model.attention_impl: 'flash' is not one of"),
+    ({"model.remat": "all"}, "^model.remat: 'all' is not one of"),
+    ({"model.decoder.attention_impl": "auto"}, "^model.decoder.attention_impl: 'auto'"),
+    ({"model.attention_impl": "cudnn"}, "^model.attention_impl: 'cudnn' needs model.dtype"),
+    ({"model.dtype": "bfloat16", "model.decoder.attention_impl": "cudnn",
+      "model.decoder.window": (1, 1), "model.decoder.shift": 0},
+     "^model.decoder.attention_impl: 'cudnn' needs an even number of tokens"),
+    ({"tokenizer_phase.restart_unused_every": 5, "model.quantizer.restart_unused": False},
+     "^tokenizer_phase.restart_unused_every: restarts need"),
+])
+def test_config_names_a_bad_speed_or_restart_setting(overrides, message):
   config = audio_config.get_config("demo")
   config.data.manifest = config.data.label_csv = "x"
-  node = config
-  *parents, leaf = field.split(".")
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
-  with pytest.raises(config_validation.ConfigError, match=f"^{field}: '{value}'"):
+  for field, value in overrides.items():
+    node = config
+    *parents, leaf = field.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  with pytest.raises(config_validation.ConfigError, match=message):
     config_validation.validate_config(config)

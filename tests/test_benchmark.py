@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from bridle_jax import benchmark
+from bridle_jax.data import demo
 from configs import audio as audio_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,3 +123,16 @@ def test_sweep_skips_batches_that_run_out_of_memory_and_names_the_best():
     raise jax.errors.JaxRuntimeError("INTERNAL: cuDNN failed")
   with pytest.raises(jax.errors.JaxRuntimeError, match="cuDNN"):
     benchmark.sweep_batches(broken, [64])
+
+
+def test_input_benchmark_times_the_host_pipeline(tmp_path):
+  corpus = demo.write_demo_corpus(tmp_path, clips_per_class=2, eval_clips_per_class=1)
+  config = audio_config.get_config("demo")
+  config.data.demo_dir = ""
+  config.data.manifest, config.data.label_csv = corpus["train"], corpus["label_csv"]
+  report = benchmark.run_input_benchmark(config, batch=4, num_batches=3, warmup=1)
+  assert report["phase"] == "input" and report["clips_per_second"] > 0
+  assert report["cores"] == len(os.sched_getaffinity(0))
+  assert report["clips_per_second_per_core"] == pytest.approx(
+      report["clips_per_second"] / report["cores"])
+  assert "clips/s per core" in benchmark.format_report(report)

@@ -45,6 +45,11 @@ def test_cache_answers_only_when_every_clip_is_stored():
   wide = code_cache.CodeCache(2, 1, 1, codebook_size=1024)
   wide.store(np.array([1]), np.array([[[1000]]]))
   assert wide.lookup(np.array([1]))[0, 0, 0] == 1000
+  # Host 1 of 3 holds records 1, 4, 7, 10 in 4 rows.
+  shard = code_cache.CodeCache(11, 1, 1, codebook_size=256, process_count=3)
+  shard.store(np.array([10, 1]), np.array([[[5]], [[6]]]))
+  np.testing.assert_array_equal(shard.lookup(np.array([1, 10]))[:, 0, 0], [6, 5])
+  assert shard.lookup(np.array([4])) is None
 
 
 def test_stats_of_codes_count_like_quantize():

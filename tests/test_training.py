@@ -1,6 +1,7 @@
 """The training engine: losses fall, frozen parts stay frozen, sharding, checkpoints, resume."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,6 +203,21 @@ def test_load_pretrained_reads_the_last_finished_phase(uninterrupted):
   _assert_trees_differ(_host(first["params"]["tokenizer"]), _host(pretrained["params"]["tokenizer"]))
   with pytest.raises(FileNotFoundError, match="not finished"):
     workdir_lib.load_pretrained(str(uninterrupted), "p3_encoder")
+
+
+def test_load_pretrained_drops_the_runs_speed_settings(uninterrupted, tmp_path):
+  """A run trained with cuDNN attention and remat embeds anywhere, without remat."""
+  copy = tmp_path / "run"
+  shutil.copytree(uninterrupted, copy)
+  saved = json.loads((copy / "config.json").read_text())
+  saved["model"].update(attention_impl="cudnn", remat="full")
+  saved["model"]["decoder"]["attention_impl"] = "cudnn"
+  (copy / "config.json").write_text(json.dumps(saved))
+  config, models, _ = workdir_lib.load_pretrained(str(copy))
+  assert (config.model.attention_impl, config.model.remat) == ("auto", "none")
+  assert config.model.decoder.attention_impl == "xla"
+  assert (models.encoder.attention_impl, models.encoder.remat) == ("auto", "none")
+  assert models.decoder.window_attention_impl == "xla"
 
 
 def _wait_for(path, timeout=300):

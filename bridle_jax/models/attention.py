@@ -14,11 +14,16 @@ CUDNN_BLOCK = 128
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def resolve(implementation: str | None, dtype) -> str:
-  """The concrete implementation ('xla' or 'cudnn') for `dtype` on the default backend."""
+def resolve(implementation: str | None, dtype, head_dim: int) -> str:
+  """The concrete implementation ('xla' or 'cudnn') for `dtype` on the default backend.
+
+  'auto' takes cuDNN only where every GPU generation it supports accepts the call: a
+  16-bit dtype and a head size that is a multiple of 8, at most 128.
+  """
   if implementation in (None, "auto"):
     on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype) in _CUDNN_DTYPES else "xla"
+    fits = jnp.dtype(dtype) in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if on_gpu and fits else "xla"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of "
                      f"{', '.join(map(repr, IMPLEMENTATIONS))}")
@@ -33,7 +38,7 @@ def attend(q, k, v, implementation: str | None = "auto", *, bias=None, scale=Non
   in both implementations. With cuDNN and N not a multiple of `pad_to`, the call runs on
   N rounded up to it and returns the first N rows.
   """
-  implementation = resolve(implementation, q.dtype)
+  implementation = resolve(implementation, q.dtype, q.shape[-1])
   if implementation == "cudnn" and bias is not None:
     bias = bias.astype(q.dtype)
   length = q.shape[1]

@@ -76,8 +76,8 @@ class Classifier(ViTBackbone):
         (1, 1, self.width), self.param_dtype)
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
     block = rematted(DropPathBlock, self.remat, static_argnums=(2,))
-    self.blocks = [block(self.num_heads, self.mlp_ratio, rate, self.dtype,
-                                 self.param_dtype, self.attention_impl) for rate in rates]
+    self.blocks = [block(self.num_heads, self.mlp_ratio, rate, self.dtype, self.param_dtype,
+                         self.attention_impl) for rate in rates]
     self.fc_norm = layer_norm(self.dtype, self.param_dtype)
     # timm's trunc_normal_(std=2e-5) cuts at +-2 absolute, i.e. +-1e5 standard deviations.
     bound = 2.0 / HEAD_INIT_STD

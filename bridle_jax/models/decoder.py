@@ -93,9 +93,10 @@ def _unit(x):
 class WindowAttention(nn.Module):
   """Scaled cosine attention inside windows, the windows folded into the batch.
 
-  Logits q̂·k̂ / max(τ, 0.01) of unit vectors (equal to the reference's
-  q·k / max(|q||k|, 1e-6) / max(τ, 0.01) whenever |q|, |k| >= 1e-6) plus the meta-MLP
-  bias and the shift mask, as one fused attention call with scale 1.
+  Logits q̂·k̂ / max(τ, 0.01) of unit vectors q̂ = q / max(|q|, 1e-6) (equal to the
+  reference's q·k / max(|q||k|, 1e-6) / max(τ, 0.01) unless |q|, |k| or |q||k| falls
+  below 1e-6) plus the meta-MLP bias and the shift mask, as one fused attention call with
+  scale 1.
   """
   num_heads: int
   window: Sequence[int]
@@ -118,15 +119,15 @@ class WindowAttention(nn.Module):
 
     bias = MetaMlp(self.num_heads, self.meta_mlp_dropout, param_dtype=self.param_dtype,
                    name="meta_mlp")(relative_coordinates_log(self.window), deterministic)
-    bias = bias.T.reshape(1, self.num_heads, n, n)
-    if mask is not None:
-      bias = bias + mask[:, None]                                     # (windows, h, n, n)
-    bias = jnp.broadcast_to(bias, (batch, num_windows, self.num_heads, n, n))
 
     def fold(t):
       return t.reshape(batch * num_windows, *t.shape[2:])
 
-    out = attention.attend(fold(q), fold(k), fold(v), self.attention_impl, bias=fold(bias),
+    bias = bias.T.reshape(1, self.num_heads, n, n)
+    if mask is not None:  # a different mask per window: one bias row per (sample, window)
+      bias = bias + mask[:, None]
+      bias = fold(jnp.broadcast_to(bias, (batch, num_windows, self.num_heads, n, n)))
+    out = attention.attend(fold(q), fold(k), fold(v), self.attention_impl, bias=bias,
                            scale=1.0, pad_to=1)
     out = out.reshape(batch, num_windows, n, self.num_heads, -1)
     return layers.HeadsProjection(dim, self.dtype, self.param_dtype, name="proj")(out)
