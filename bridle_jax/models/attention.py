@@ -1,10 +1,11 @@
 """Fused multi-head attention through `jax.nn.dot_product_attention`, with backend choice.
 
 Implementations: 'xla' (XLA's fused softmax attention; also the TPU path), 'cudnn' (cuDNN
-flash attention, GPU only, bf16/fp16 inputs), 'auto' (cuDNN on a GPU with a 16-bit compute
-dtype, XLA everywhere else). cuDNN refuses some sequence lengths (the ViT-B encoder sees 103
-tokens at mask 0.8), so for it q, k and v are zero-padded to a multiple of `CUDNN_BLOCK`
-tokens and the padding is excluded through the sequence-length arguments.
+flash attention, GPU only, bf16/fp16 inputs), 'auto' (cuDNN on a GPU where `resolve` finds
+a dtype and head size it accepts, XLA everywhere else). cuDNN refuses some sequence
+lengths (the ViT-B encoder sees 103 tokens at mask 0.8), so for it q, k and v are
+zero-padded to a multiple of `CUDNN_BLOCK` tokens and the padding is excluded through the
+sequence-length arguments.
 """
 import jax
 import jax.numpy as jnp
