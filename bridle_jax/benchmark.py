@@ -33,7 +33,6 @@ from bridle_jax import prepare
 from bridle_jax.data import audio
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
-from bridle_jax.models import quantizer
 from bridle_jax.train import optim
 from bridle_jax.train import sharding
 from bridle_jax.train import state as state_lib
@@ -151,11 +150,7 @@ def compile_phase(config, kind: str, batch: int):
   schedule = optim.warmup_cosine(phase_config.lr, phase_config.min_lr, 1, 1_000_000)
   groups = steps.PHASE_GROUPS[kind]
 
-  def fresh(rng):
-    params_rng, codebook_rng = jax.random.split(rng)
-    return state_lib.new_state(state_lib.init_params(models, params_rng),
-                               quantizer.init(models.quantizer, codebook_rng), groups, tx, rng)
-
+  fresh = state_lib.fresh_state_fn(models, groups, tx)
   rng = jax.random.PRNGKey(config.seed)
   shardings = sharding.shardings_for(jax.eval_shape(fresh, rng), mesh, config.sharding_rules)
   state = jax.jit(lambda r: nn.unbox(fresh(r)), out_shardings=shardings)(rng)

@@ -23,7 +23,6 @@ from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
 from bridle_jax.evaluate import verdict
-from bridle_jax.models import quantizer
 from bridle_jax.train import checkpoint
 from bridle_jax.train import code_cache
 from bridle_jax.train import monitor
@@ -59,15 +58,6 @@ def phases(config) -> list[Phase]:
 
 def _trains_tokenizer(kinds) -> bool:
   return any(kind in ("tokenizer", "joint") for kind in kinds)
-
-
-def _fresh_state_fn(models, groups, tx):
-  """rng -> the annotated initial state of a phase with fresh params and codebooks."""
-  def fresh(rng):
-    params_rng, codebook_rng = jax.random.split(rng)
-    return state_lib.new_state(state_lib.init_params(models, params_rng),
-                               quantizer.init(models.quantizer, codebook_rng), groups, tx, rng)
-  return fresh
 
 
 class Trainer:
@@ -201,7 +191,7 @@ class Trainer:
     groups = steps.PHASE_GROUPS[phase.kind]
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), phase.index)
 
-    fresh = _fresh_state_fn(models, groups, tx)
+    fresh = state_lib.fresh_state_fn(models, groups, tx)
     abstract = jax.eval_shape(fresh, rng)
     shardings = sharding.shardings_for(abstract, self.mesh, config.sharding_rules)
     batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}

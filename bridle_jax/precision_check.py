@@ -12,6 +12,7 @@ run's final tokenizer computed in float32 and in bfloat16 and reports, per codeb
 fraction of patches given the same code.
 """
 import copy
+import functools
 import json
 import os
 import sys
@@ -27,8 +28,8 @@ from bridle_jax import prepare
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
-from bridle_jax.models import quantizer
 from bridle_jax.train import state as state_lib
+from bridle_jax.train import steps
 
 # Run name -> (model.dtype, seed offset).
 RUNS = {"float32": ("float32", 0), "bfloat16": ("bfloat16", 0),
@@ -78,15 +79,12 @@ def code_agreement(config, workdir: str, num_clips: int) -> list[float]:
   batch = next(iter(pipeline.build_dataset(
       source, config.data, global_batch_size=min(num_clips, len(source)), seed=config.seed,
       process_index=0, process_count=1, num_epochs=1, train=False)))
-  x = models.features({k: batch[k] for k in ("waveform", "valid_frames")}, None)
+  x = models.features({k: batch[k] for k in driver.BATCH_KEYS}, None)
   low_config = copy.deepcopy(run_config)
   low_config.model.dtype = "bfloat16"
   low_models = state_lib.build_models(low_config)
-  codes = []
-  for m in (models, low_models):
-    z = jax.jit(lambda p, x, m=m: m.tokenizer.apply({"params": p}, x, cold_start=False))(
-        pretrained["params"]["tokenizer"], x)
-    codes.append(np.asarray(quantizer.quantize(m.quantizer, pretrained["codebooks"], z)[1]))
+  codes = [np.asarray(jax.jit(functools.partial(steps.tokenizer_codes, m, cold_start=False))(
+      pretrained["params"], pretrained["codebooks"], x)[0]) for m in (models, low_models)]
   spec = models.quantizer
   same = (codes[0] == codes[1]).reshape(-1, spec.num_codebooks, spec.soft_code)
   return same.mean(axis=(0, 2)).tolist()

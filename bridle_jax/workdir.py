@@ -125,12 +125,7 @@ def load_pretrained(workdir: str, phase_id: str | None = None):
     phase_id = done[-1]
   elif phase_id not in done:
     raise FileNotFoundError(f"{workdir}: phase {phase_id!r} is not finished (finished: {done})")
-  for field, value in SPEED_DEFAULTS.items():  # e.g. a cuDNN run read back on a CPU
-    *parents, name = field.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[name] = value
+  config.update_from_flattened_dict(SPEED_DEFAULTS)  # e.g. a cuDNN run read back on a CPU
   models = state_lib.build_models(config)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),

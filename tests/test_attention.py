@@ -95,13 +95,8 @@ def _phase_step_text(kind: str, lowering_platform: str, **model_overrides):
   tx = optim.adamw_direction(phase_config)
   groups = steps.PHASE_GROUPS[kind]
 
-  def fresh(rng):
-    params_rng, codebook_rng = jax.random.split(rng)
-    return nn.unbox(state_lib.new_state(
-        state_lib.init_params(models, params_rng),
-        quantizer.init(models.quantizer, codebook_rng), groups, tx, rng))
-
-  state = jax.eval_shape(fresh, jax.random.key(0))
+  fresh = state_lib.fresh_state_fn(models, groups, tx)
+  state = jax.eval_shape(lambda rng: nn.unbox(fresh(rng)), jax.random.key(0))
   samples = audio.num_samples_for_frames(config.data.target_length, config.data.sample_rate)
   batch = {"waveform": jax.ShapeDtypeStruct((4, samples), jnp.float32),
            "valid_frames": jax.ShapeDtypeStruct((4,), jnp.int32)}
@@ -189,11 +184,6 @@ def test_remat_keeps_params_loss_and_gradients():
 def test_config_names_a_bad_speed_or_restart_setting(overrides, message):
   config = audio_config.get_config("demo")
   config.data.manifest = config.data.label_csv = "x"
-  for field, value in overrides.items():
-    node = config
-    *parents, leaf = field.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   with pytest.raises(config_validation.ConfigError, match=message):
     config_validation.validate_config(config)

@@ -446,17 +446,18 @@ class Finetuner:
     num_batches = math.ceil(math.ceil(len(source) / hosts) / host_batch)
     iterator = iter(pipeline.build_dataset(source, self.config.data, global_batch_size=batch_size,
                                            seed=self.config.seed, num_epochs=1, train=False))
-    scores, labels = [], []
+    outputs = []
     skipped = 0
     for _ in range(num_batches):
       batch = next(iterator, None)
       if batch is not None:
         skipped += int(batch["skipped"].sum())
-      logits, label, mask = jax.device_get(self.eval_step(params, self.device_batch(
+      outputs.append(self.eval_step(params, self.device_batch(
           _padded_batch(batch, host_batch, source, self.config.data))))
-      scores.append(logits[mask])
-      labels.append(label[mask])
-    result = metrics.classification_metrics(np.concatenate(scores), np.concatenate(labels))
+    outputs = jax.device_get(outputs)  # one transfer, after every batch is dispatched
+    scores = np.concatenate([logits[mask] for logits, _, mask in outputs])
+    labels = np.concatenate([label[mask] for _, label, mask in outputs])
+    result = metrics.classification_metrics(scores, labels)
     result["skipped_clips"] = skipped
     return result
 

@@ -15,12 +15,11 @@ import numpy as np
 from absl import logging
 
 from bridle_jax import workdir as workdir_lib
-from bridle_jax.data import audio
 from bridle_jax.data import sources
 from bridle_jax.evaluate import embeddings
 from bridle_jax.evaluate import fast_probe
-from bridle_jax.models import quantizer
 from bridle_jax.train import monitor
+from bridle_jax.train import steps
 
 TOKENIZER_KINDS = ("tokenizer", "joint")
 
@@ -51,17 +50,13 @@ def codebook_usage(pretrain_config, models, tree: dict, source, cold_start: bool
 
   @jax.jit
   def codes_of(params, codebooks, waveforms, valid_frames):
-    x = audio.features(waveforms, valid_frames, num_mel_bins=data.num_mel_bins,
-                       target_length=data.target_length, mean=data.mean, std=data.std,
-                       sample_rate=data.sample_rate)
-    z = models.tokenizer.apply({"params": params}, x, cold_start=cold_start)
-    _, codes, _, _ = quantizer.quantize(spec, codebooks, z)
-    return codes
+    x = models.features({"waveform": waveforms, "valid_frames": valid_frames}, None)
+    return steps.tokenizer_codes(models, params, codebooks, x, cold_start=cold_start)[0]
 
   counts = np.zeros((spec.num_codebooks, spec.codebook_size), np.int64)
   batches = embeddings.clip_batches(source, data, embeddings.DEFAULT_BATCH_SIZE)
   for indices, waves, valid, failed in batches:
-    codes = np.asarray(codes_of(tree["params"]["tokenizer"], tree["codebooks"], waves, valid))
+    codes = np.asarray(codes_of(tree["params"], tree["codebooks"], waves, valid))
     per_stage = codes[~np.isin(indices, failed)].reshape(-1, spec.num_codebooks, spec.soft_code)
     for stage in range(spec.num_codebooks):
       counts[stage] += np.bincount(per_stage[:, stage].ravel(), minlength=spec.codebook_size)

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bridle_jax.data import pipeline
+
 
 class CodeCache:
   """codes[i] (patches, codes per patch) for the source records i of one host's shard.
@@ -73,7 +75,7 @@ class CodeReuse:
       codes = self._codes_fn(state, device_batch)
       self._pending = (indices, codes)
     else:
-      codes = jax.make_array_from_process_local_data(self._sharding, stored)
+      codes = pipeline.to_device_batch(stored, self._sharding)
       self.reused_batches += 1
     return {**device_batch, "codes": codes}
 

@@ -99,6 +99,15 @@ def new_state(params: dict, codebooks: quantizer.CodebookState, groups: tuple[st
       codebooks=codebooks, rng=rng, skipped_updates=jnp.zeros((), jnp.int32))
 
 
+def fresh_state_fn(models: Models, groups: tuple[str, ...], tx: optax.GradientTransformation):
+  """rng -> the annotated initial state of a phase with fresh params and codebooks."""
+  def fresh(rng):
+    params_rng, codebook_rng = jax.random.split(rng)
+    return new_state(init_params(models, params_rng),
+                     quantizer.init(models.quantizer, codebook_rng), groups, tx, rng)
+  return fresh
+
+
 def handoff_tree(state: TrainState) -> dict:
   """What one phase passes to the next (and what exports read): params and codebooks."""
   return {"params": state.params, "codebooks": state.codebooks}
