@@ -4,6 +4,8 @@
       [--steps=20] [--warmup=3] [--repeats=3] [--dtype=bfloat16] [--write]
   python -m bridle_jax.benchmark --config=configs/audio.py:demo --phase=encoder --batch=16
   python -m bridle_jax.benchmark --config=configs/audio.py:demo --input --workdir=/tmp/bench
+  python -m bridle_jax.benchmark --config=configs/audio.py --input \
+      --config.data.manifest=train.json --config.data.label_csv=labels.csv
 
 The step benchmark compiles the phase's real jitted step (parameter shardings from the
 config's mesh and rules, donated state) and feeds it one random waveform batch, so no
@@ -29,6 +31,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from bridle_jax import files
 from bridle_jax import prepare
 from bridle_jax.data import audio
 from bridle_jax.data import pipeline
@@ -59,8 +62,12 @@ def _define_flags():
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
                ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0), ("v4", 275.0))
 
-COLUMNS = ("date", "devices", "jax / flax", "phase", "batch", "dtype", "samples/s", "step ms",
-           "TFLOP/s", "MFU", "peak memory", "command")
+# The two tables of BENCHMARKS.md: (title, columns).
+STEP_TABLE = ("Results", ("date", "devices", "jax / flax", "phase", "batch", "dtype",
+                          "samples/s", "step ms", "TFLOP/s", "MFU", "peak memory", "command"))
+INPUT_TABLE = ("Host input pipeline", ("date", "host cores", "workers", "batch", "audio s",
+                                       "clips/s", "clips/s per core", "clips/s per worker",
+                                       "command"))
 
 
 def peak_tflops(device) -> float | None:
@@ -245,14 +252,15 @@ def run_input_benchmark(config, batch: int, num_batches: int, warmup: int) -> di
   for _ in range(max(warmup, 1)):  # worker start-up stays out of the timing
     next(iterator)
   start = time.perf_counter()
-  clips = sum(len(next(iterator)["waveform"]) for _ in range(num_batches))
-  rate = clips / (time.perf_counter() - start)
-  workers = max(config.data.num_workers, 1)
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return {"phase": "input", "batch": batch, "dtype": "n/a", "clips_per_second": rate,
-          "workers": config.data.num_workers, "clips_per_second_per_worker": rate / workers,
-          "cores": cores, "clips_per_second_per_core": rate / cores,
-          "samples_per_second": rate, "device_kind": "host", "device_count": jax.process_count()}
+  valid_frames = np.concatenate([next(iterator)["valid_frames"] for _ in range(num_batches)])
+  rate = len(valid_frames) / (time.perf_counter() - start)
+  workers = pipeline.worker_count(config.data.num_workers)
+  cores = pipeline.host_cores()
+  seconds_per_frame = audio.frame_shift(config.data.sample_rate) / config.data.sample_rate
+  return {"phase": "input", "batch": batch, "clips_per_second": rate, "samples_per_second": rate,
+          "clip_seconds": float(valid_frames.mean()) * seconds_per_frame,
+          "workers": workers, "clips_per_second_per_worker": rate / max(workers, 1),
+          "cores": cores, "clips_per_second_per_core": rate / cores}
 
 
 def _fmt(value, spec: str) -> str:
@@ -263,32 +271,48 @@ def _memory(num_bytes) -> str:
   return "n/a" if num_bytes is None else f"{num_bytes / 2**30:.2f} GiB"
 
 
-def table_row(report: dict, command: str) -> str:
-  """One BENCHMARKS.md row for a report."""
-  cells = (datetime.date.today().isoformat(), f"{report['device_kind']} x{report['device_count']}",
-           f"{jax.__version__} / {flax.__version__}", report["phase"], str(report["batch"]),
-           report["dtype"], _fmt(report["samples_per_second"], ".1f"),
-           _fmt(report.get("step_ms"), ".1f"), _fmt(report.get("tflops_per_second"), ".3f"),
-           _fmt(report.get("mfu"), ".1%"), _memory(report.get("peak_memory_bytes")),
-           f"`{command}`")
-  return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+def table_row(report: dict, command: str) -> tuple[tuple, str]:
+  """The table a report belongs to, and its row there."""
+  date = datetime.date.today().isoformat()
+  if report["phase"] == "input":
+    table = INPUT_TABLE
+    cells = (date, str(report["cores"]), str(report["workers"]), str(report["batch"]),
+             f"{report['clip_seconds']:.2f}", _fmt(report["clips_per_second"], ".1f"),
+             _fmt(report["clips_per_second_per_core"], ".1f"),
+             _fmt(report["clips_per_second_per_worker"], ".1f"), f"`{command}`")
+  else:
+    table = STEP_TABLE
+    cells = (date, f"{report['device_kind']} x{report['device_count']}",
+             f"{jax.__version__} / {flax.__version__}", report["phase"], str(report["batch"]),
+             report["dtype"], _fmt(report["samples_per_second"], ".1f"),
+             _fmt(report.get("step_ms"), ".1f"), _fmt(report.get("tflops_per_second"), ".3f"),
+             _fmt(report.get("mfu"), ".1%"), _memory(report.get("peak_memory_bytes")),
+             f"`{command}`")
+  return table, "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
-def append_row(path: str, row: str) -> None:
-  """Appends `row` to the results table of `path`, starting the table if it has none."""
-  header = "| " + " | ".join(COLUMNS) + " |"
-  text = open(path).read() if os.path.exists(path) else ""
-  if text and not text.endswith("\n"):
-    text += "\n"
-  if header not in text:
-    text += ("\n" if text else "") + f"## Results\n\n{header}\n|{'---|' * len(COLUMNS)}\n"
-  with open(path, "w") as f:
-    f.write(text + row + "\n")
+def append_row(path: str, table: tuple, row: str) -> None:
+  """Adds `row` at the end of `table` in `path`, starting that table at the end of the
+  file if it has none."""
+  title, columns = table
+  header = "| " + " | ".join(columns) + " |"
+  lines = open(path).read().splitlines() if os.path.exists(path) else []
+  if header in lines:
+    end = lines.index(header) + 1
+    while end < len(lines) and lines[end].startswith("|"):
+      end += 1
+    lines.insert(end, row)
+  else:
+    if lines and lines[-1]:
+      lines.append("")
+    lines += [f"## {title}", "", header, "|" + "---|" * len(columns), row]
+  files.write_atomic(path, ("\n".join(lines) + "\n").encode())
 
 
 def format_report(report: dict) -> str:
   if report["phase"] == "input":
     lines = [("clips/s", _fmt(report["clips_per_second"], ".1f")),
+             ("audio s per clip", f"{report['clip_seconds']:.2f}"),
              ("workers", str(report["workers"] or "0 (in-process)")),
              ("clips/s per worker", _fmt(report["clips_per_second_per_worker"], ".1f")),
              ("cores", str(report["cores"])),
@@ -337,7 +361,7 @@ def main(argv):
       continue
     print(format_report(report) + "\n")
     if flags.FLAGS.write and jax.process_index() == 0:
-      append_row(flags.FLAGS.benchmarks_file, table_row(report, command))
+      append_row(flags.FLAGS.benchmarks_file, *table_row(report, command))
       print(f"row appended to {flags.FLAGS.benchmarks_file}\n")
   best = best_batch(reports)
   if len(reports) > 1 and best is not None:

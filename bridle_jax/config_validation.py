@@ -62,7 +62,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(0.0 <= d.mixup <= 1.0, "data.mixup", f"is a probability, got {d.mixup}")
   _require(0 <= d.freqm <= d.num_mel_bins, "data.freqm", f"must lie in [0, data.num_mel_bins], got {d.freqm}")
   _require(0 <= d.timem <= d.target_length, "data.timem", f"must lie in [0, data.target_length], got {d.timem}")
-  _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+  _require(d.num_workers >= -1, "data.num_workers",
+           f"must be >= 0, or -1 for one per CPU core, got {d.num_workers}")
   _require(d.max_clip_seconds == 0 or d.max_clip_seconds * d.sample_rate >=
            d.target_length * d.sample_rate // 100, "data.max_clip_seconds",
            f"{d.max_clip_seconds} s is shorter than data.target_length frames (10 ms each)")

@@ -49,7 +49,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   d.mixup_alpha = 10.0         # lambda ~ Beta(alpha, alpha)
   d.freqm = 0                  # SpecAugment frequency mask width bound (bins)
   d.timem = 0                  # SpecAugment time mask width bound (frames)
-  d.num_workers = 8            # grain worker processes per host (0: in-process)
+  d.num_workers = -1           # grain worker processes (-1: one per core less
+                               # one, at most 16; 0: in-process)
   d.prefetch = 2               # per-worker buffer, in batches
   d.multi_label = True
   d.max_clip_seconds = 60.0    # decode at most this much of a clip (0: all of it)

@@ -69,22 +69,32 @@ def test_command_sweeps_batches_and_appends_a_row_each(tmp_path):
   assert len(rows) == 2
   for row, batch in zip(rows, ("8", "16")):
     cells = [c.strip() for c in row.strip("|").split(" | ")]
-    assert len(cells) == len(benchmark.COLUMNS)
+    assert len(cells) == len(benchmark.STEP_TABLE[1])
     assert cells[1] == "cpu x2" and cells[3:6] == ["encoder", batch, "float32"]
     assert cells[-1].startswith("`python -m bridle_jax.benchmark --config=configs/audio.py:demo")
 
 
-def test_append_row_keeps_one_table(tmp_path):
+def test_rows_go_to_their_own_table(tmp_path):
   path = str(tmp_path / "B.md")
-  report = {"device_kind": "NVIDIA H100 80GB HBM3", "device_count": 1, "phase": "joint",
-            "batch": 64, "dtype": "bfloat16", "samples_per_second": 700.0, "step_ms": 91.4,
-            "tflops_per_second": 400.0, "mfu": 0.404, "peak_memory_bytes": 3 * 2**30}
-  for _ in range(2):
-    benchmark.append_row(path, benchmark.table_row(report, "python -m x --a=1|2"))
+  step = {"device_kind": "NVIDIA H100 80GB HBM3", "device_count": 1, "phase": "joint",
+          "batch": 64, "dtype": "bfloat16", "samples_per_second": 700.0, "step_ms": 91.4,
+          "tflops_per_second": 400.0, "mfu": 0.404, "peak_memory_bytes": 3 * 2**30}
+  host = {"phase": "input", "batch": 64, "clips_per_second": 3000.0, "clip_seconds": 10.0,
+          "workers": 15, "clips_per_second_per_worker": 200.0, "cores": 16,
+          "clips_per_second_per_core": 187.5}
+  benchmark.append_row(path, *benchmark.table_row(step, "python -m x --a=1|2"))
+  benchmark.append_row(path, *benchmark.table_row(host, "python -m x --input"))
+  benchmark.append_row(path, *benchmark.table_row(step, "python -m x --b"))
   lines = open(path).read().splitlines()
-  assert lines.count("| " + " | ".join(benchmark.COLUMNS) + " |") == 1
-  assert len([l for l in lines if l.startswith("| 2")]) == 2
-  assert "| 40.4% | 3.00 GiB | `python -m x --a=1\\|2` |" in lines[-1]
+  step_header = "| " + " | ".join(benchmark.STEP_TABLE[1]) + " |"
+  input_header = "| " + " | ".join(benchmark.INPUT_TABLE[1]) + " |"
+  assert lines.count(step_header) == 1 and lines.count(input_header) == 1
+  start = lines.index(step_header)
+  assert lines[start + 2].endswith("| 40.4% | 3.00 GiB | `python -m x --a=1\\|2` |")
+  assert lines[start + 3].endswith("| `python -m x --b` |")  # the step table, not the end
+  assert lines[start + 4] == "" and lines[start + 5] == "## Host input pipeline"
+  assert lines[-1].endswith("| 16 | 15 | 64 | 10.00 | 3000.0 | 187.5 | 200.0 | "
+                            "`python -m x --input` |")
 
 
 class _Device:
@@ -136,3 +146,4 @@ def test_input_benchmark_times_the_host_pipeline(tmp_path):
   assert report["clips_per_second_per_core"] == pytest.approx(
       report["clips_per_second"] / report["cores"])
   assert "clips/s per core" in benchmark.format_report(report)
+  assert report["clip_seconds"] == pytest.approx(1.28)  # 1.5 s demo clips, 128 frames kept

@@ -49,6 +49,7 @@ def test_default_config_is_the_paper_recipe():
     ("model.mask_ratio", 1.0, "model.mask_ratio: must lie in [0, 1)"),
     ("model.decoder.window", (5, 4), "model.decoder.window: (5, 4) does not tile"),
     ("data.mixup", 1.5, "data.mixup: is a probability"),
+    ("data.num_workers", -2, "data.num_workers: must be >= 0, or -1 for one per CPU core"),
     ("rounds", ("encoder", "tokeniser"), "rounds[1]: 'tokeniser' is not one of"),
 ])
 def test_invalid_fields_are_named(field, value, expected):

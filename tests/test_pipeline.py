@@ -179,3 +179,12 @@ def test_batch_must_split_over_hosts(clips):
   with pytest.raises(ValueError, match="not divisible"):
     pipeline.build_dataset(clips, _data_config(), global_batch_size=5, seed=0, process_index=0,
                            process_count=2)
+
+
+@pytest.mark.parametrize("cores,setting,expected", [
+    (16, -1, 15), (2, -1, 1), (1, -1, 0), (96, -1, pipeline.AUTO_WORKERS_MAX),
+    (16, 0, 0), (16, 4, 4)])
+def test_auto_workers_leave_a_core_for_the_training_loop(monkeypatch, cores, setting,
+                                                          expected):
+  monkeypatch.setattr(pipeline, "host_cores", lambda: cores)
+  assert pipeline.worker_count(setting) == expected

@@ -17,10 +17,11 @@ def roll_mag(waveform: np.ndarray, rng: np.random.Generator,
   gain is applied.
   """
   waveform = np.asarray(waveform, dtype=np.float32)
-  if not gain_only:
-    waveform = np.roll(waveform, int(rng.integers(waveform.shape[0])))
-  gain = rng.beta(ROLL_GAIN_BETA, ROLL_GAIN_BETA) + 0.5
-  return (waveform * gain).astype(np.float32)
+  shift = 0 if gain_only else int(rng.integers(waveform.shape[0]))
+  gain = np.float32(rng.beta(ROLL_GAIN_BETA, ROLL_GAIN_BETA) + 0.5)
+  out = np.roll(waveform, shift)  # a new array, so the gain can go in place
+  out *= gain
+  return out
 
 
 def sample_mixup_lambda(rng: np.random.Generator, alpha: float = 10.0) -> float:

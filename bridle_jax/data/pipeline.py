@@ -8,6 +8,7 @@ fbank, SpecAugment and normalisation run later, on the device (`audio.features`)
 """
 import dataclasses
 import functools
+import os
 from typing import Any, Sequence
 
 import grain
@@ -122,6 +123,22 @@ def _with_index(index: int, record: dict, *, num_records: int) -> dict:
   return {**record, "index": index % num_records}
 
 
+AUTO_WORKERS_MAX = 16
+
+
+def host_cores() -> int:
+  """CPU cores this process may run on (its affinity mask where the OS has one)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def worker_count(num_workers: int) -> int:
+  """`data.num_workers`, with -1 (auto) resolved to one worker per core of this process
+  less one for the training loop, at most AUTO_WORKERS_MAX; 0 means in-process."""
+  if num_workers >= 0:
+    return num_workers
+  return min(host_cores() - 1, AUTO_WORKERS_MAX)
+
+
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
     raise ValueError(f"batch size {global_batch_size} is not divisible by the "
@@ -157,9 +174,10 @@ def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int
   ds = ds.repeat(num_epochs).random_map(loader, seed=seed)
   ds = SkipBadClips(ds.to_iter_dataset(), max_consecutive=min(len(source), 1000))
   ds = ds.batch(batch, drop_remainder=train)
-  if data_config.num_workers > 0:
+  workers = worker_count(data_config.num_workers)
+  if workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=data_config.num_workers, per_worker_buffer_size=data_config.prefetch))
+        num_workers=workers, per_worker_buffer_size=data_config.prefetch))
   return ds
 
 
