@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Measures the audio ViT-B recipe on one accelerator and appends the rows to BENCHMARKS.md.
+#
+#   launch/benchmark_gpu.sh                      # every run below, in this order
+#   launch/benchmark_gpu.sh encoder tokenizer    # only the runs named
+#
+# Runs: encoder, encoder_reuse (stored tokenizer codes), encoder_cudnn_window (cuDNN for
+# the Swin decoder's windows), tokenizer, joint (each a sweep over batch 64, 128, 256 in
+# the config's dtype, bf16), input (the host pipeline on 10 s clips written to
+# $SCRATCH/clips10) and precision (bf16 against float32 on the demo, in $SCRATCH).
+# Compiled programs are cached in $SCRATCH/jax_cache, so a rerun starts faster. A run
+# that fails is reported and the others still run; the exit status says whether any
+# failed. Set BENCHMARKS_FILE to write elsewhere than ./BENCHMARKS.md, and CONFIG to time
+# another config than configs/audio.py (configs/audio.py:demo runs on a laptop).
+set -uo pipefail
+CONFIG="${CONFIG:-configs/audio.py}"
+SCRATCH="${SCRATCH:-/tmp/bridle_benchmark}"
+BENCHMARKS_FILE="${BENCHMARKS_FILE:-BENCHMARKS.md}"
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$SCRATCH/jax_cache}"
+RUNS=("$@")
+if [[ ${#RUNS[@]} -eq 0 ]]; then
+  RUNS=(encoder encoder_reuse encoder_cudnn_window tokenizer joint input precision)
+fi
+
+bench() {
+  python -m bridle_jax.benchmark --config="$CONFIG" --write \
+    --benchmarks_file="$BENCHMARKS_FILE" "$@"
+}
+
+run() {
+  case "$1" in
+    encoder) bench --phase=encoder --batch=64,128,256 ;;
+    encoder_reuse) bench --phase=encoder --batch=128,256 \
+        --config.encoder_phase.reuse_codes=True --config.data.roll_mag_aug=False ;;
+    encoder_cudnn_window) bench --phase=encoder --batch=128,256 \
+        --config.model.decoder.attention_impl=cudnn ;;
+    tokenizer) bench --phase=tokenizer --batch=64,128,256 ;;
+    joint) bench --phase=joint --batch=64,128,256 ;;
+    input)
+      python -m bridle_jax.data.demo --out_dir="$SCRATCH/clips10" --clips_per_class=20 \
+          --clip_seconds=10 &&
+        bench --input --batch=64,128 --steps=30 --config.data.demo_dir= \
+          --config.data.manifest="$SCRATCH/clips10/train.json" \
+          --config.data.label_csv="$SCRATCH/clips10/class_labels_indices.csv" ;;
+    precision)
+      rm -rf "$SCRATCH/precision"
+      python -m bridle_jax.precision_check --config=configs/audio.py:demo \
+        --workdir="$SCRATCH/precision" ;;
+    *) echo "unknown run '$1'" >&2; return 2 ;;
+  esac
+}
+
+failed=()
+for name in "${RUNS[@]}"; do
+  echo "=== $name"
+  run "$name" || failed+=("$name")
+done
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "failed: ${failed[*]}" >&2
+  exit 1
+fi
