@@ -9,6 +9,7 @@ their first batch. Progress lives in WORKDIR/progress.json and the per-phase orb
 checkpoints, so rerunning the same command after an interruption resumes the phase in
 progress at its last checkpoint, data position included.
 """
+import collections
 import dataclasses
 import os
 import signal
@@ -32,6 +33,7 @@ from bridle_jax.train import state as state_lib
 from bridle_jax.train import steps
 
 BATCH_KEYS = ("waveform", "valid_frames")
+STEPS_IN_FLIGHT = 2  # how far the host may run ahead of the device, in steps
 
 
 class Preempted(Exception):
@@ -132,6 +134,7 @@ class Trainer:
         config.usage_every, is_writer=jax.process_index() == 0)
     step = int(run.state.step)
     skipped = 0
+    window = StepWindow(STEPS_IN_FLIGHT)
     while step < run.total:
       host_batch = run.next_batch()
       skipped += int(host_batch["skipped"].sum())
@@ -141,6 +144,7 @@ class Trainer:
       if run.restart_step is not None and step and step % run.restart_every == 0:
         run.state = run.restart_step(run.state, batch)
       run.state, metrics, counts = run.step_fn(step)(run.state, batch)
+      window.push(metrics["loss"])
       step += 1
       phase_monitor.record(step, metrics)
       if phase_monitor.should_log_usage(step):
@@ -291,6 +295,27 @@ class Trainer:
   def device_batch(self, host_batch: dict) -> dict:
     """The step's inputs of a host batch, as global arrays sharded over the batch axes."""
     return pipeline.to_device_batch({k: host_batch[k] for k in BATCH_KEYS}, self.batch_sharding)
+
+
+class StepWindow:
+  """Keeps the host at most `depth` dispatched steps ahead of the device.
+
+  With asynchronous dispatch the loop can enqueue steps much faster than the device runs
+  them when the input pipeline is fast, and every queued step holds its uploaded batch in
+  device memory until the next log step waits for them all. Waiting for step t - depth
+  before preparing step t + 1 bounds that, and still leaves the device `depth` steps of
+  work, so it does not idle.
+  """
+
+  def __init__(self, depth: int):
+    self._depth = depth
+    self._markers = collections.deque()
+
+  def push(self, marker: jax.Array) -> None:
+    """Records a just-dispatched step by one of its outputs; waits for the oldest if full."""
+    self._markers.append(marker)
+    if len(self._markers) > self._depth:
+      self._markers.popleft().block_until_ready()
 
 
 class PreemptionNotice:
