@@ -11,8 +11,10 @@
 # Compiled programs are cached in $SCRATCH/jax_cache, so a rerun starts faster. A run
 # that fails is reported and the others still run; the exit status says whether any
 # failed. Set BENCHMARKS_FILE to write elsewhere than ./BENCHMARKS.md, and CONFIG to time
-# another config than configs/audio.py (configs/audio.py:demo runs on a laptop).
+# another config than configs/audio.py (configs/audio.py:demo runs on a laptop), and
+# PYTHON to use another interpreter than python3.
 set -uo pipefail
+PYTHON="${PYTHON:-python3}"
 CONFIG="${CONFIG:-configs/audio.py}"
 SCRATCH="${SCRATCH:-/tmp/bridle_benchmark}"
 BENCHMARKS_FILE="${BENCHMARKS_FILE:-BENCHMARKS.md}"
@@ -23,7 +25,7 @@ if [[ ${#RUNS[@]} -eq 0 ]]; then
 fi
 
 bench() {
-  python -m bridle_jax.benchmark --config="$CONFIG" --write \
+  "$PYTHON" -m bridle_jax.benchmark --config="$CONFIG" --write \
     --benchmarks_file="$BENCHMARKS_FILE" "$@"
 }
 
@@ -37,14 +39,14 @@ run() {
     tokenizer) bench --phase=tokenizer --batch=64,128,256 ;;
     joint) bench --phase=joint --batch=64,128,256 ;;
     input)
-      python -m bridle_jax.data.demo --out_dir="$SCRATCH/clips10" --clips_per_class=20 \
+      "$PYTHON" -m bridle_jax.data.demo --out_dir="$SCRATCH/clips10" --clips_per_class=20 \
           --clip_seconds=10 &&
         bench --input --batch=64,128 --steps=30 --config.data.demo_dir= \
           --config.data.manifest="$SCRATCH/clips10/train.json" \
           --config.data.label_csv="$SCRATCH/clips10/class_labels_indices.csv" ;;
     precision)
       rm -rf "$SCRATCH/precision"
-      python -m bridle_jax.precision_check --config=configs/audio.py:demo \
+      "$PYTHON" -m bridle_jax.precision_check --config=configs/audio.py:demo \
         --workdir="$SCRATCH/precision" ;;
     *) echo "unknown run '$1'" >&2; return 2 ;;
   esac
