@@ -3,6 +3,7 @@ import os
 
 import ml_collections
 
+from bridle_jax.data import audio
 from bridle_jax.models import attention, layers
 
 DATA_FORMATS = ("json", "folder", "tfds")
@@ -65,8 +66,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(d.num_workers >= -1, "data.num_workers",
            f"must be >= 0, or -1 for one per CPU core, got {d.num_workers}")
   _require(d.max_clip_seconds == 0 or d.max_clip_seconds * d.sample_rate >=
-           d.target_length * d.sample_rate // 100, "data.max_clip_seconds",
-           f"{d.max_clip_seconds} s is shorter than data.target_length frames (10 ms each)")
+           audio.num_samples_for_frames(d.target_length, d.sample_rate),
+           "data.max_clip_seconds", f"{d.max_clip_seconds} s is shorter than the "
+           f"{d.target_length} frames of data.target_length (25 ms windows every 10 ms)")
   _require(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
 
   _one_of(config, "model.dtype", DTYPES)

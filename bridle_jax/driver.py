@@ -11,6 +11,7 @@ progress at its last checkpoint, data position included.
 """
 import collections
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -202,20 +203,19 @@ class Trainer:
     ckpt = checkpoint.PhaseCheckpointer(
         os.path.join(self.workdir, "checkpoints", phase.id),
         save_every=config.checkpoint_every, keep=config.keep_checkpoints)
-    dataset = pipeline.build_dataset(self.source, config.data,
-                                     global_batch_size=phase_config.batch_size,
-                                     seed=config.seed + phase.index)
-    iterator = iter(dataset)
+    stream = functools.partial(pipeline.DataStream, self.source, config.data,
+                               global_batch_size=phase_config.batch_size,
+                               seed=config.seed + phase.index)
     pending = None
     if ckpt.latest_step() is not None:
       state, data_state = ckpt.restore(sharding.with_shardings(nn.unbox(abstract), shardings))
       if data_state is None:
         logging.warning("%s: checkpoint holds no data position for this host layout; the "
                         "data stream restarts from its beginning", phase.id)
-      else:
-        iterator.set_state(data_state)
+      iterator = stream(saved=data_state)
       logging.info("%s: resumed at step %d", phase.id, int(state.step))
     else:
+      iterator = stream()
       state = self._initial_state(phase, fresh, rng, handoff, groups, tx, shardings, cold_start)
       if phase.kind != "encoder" or cold_start:
         pending = next(iterator)

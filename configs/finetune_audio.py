@@ -19,8 +19,9 @@ cls_token), layer decay 0.75, drop path 0.1, min lr 1e-6, per-step warmup + cosi
 mixup 0.5 with lambda ~ Beta(10, 10), SpecAugment freqm 48 / timem 192 (hard-coded in the
 reference for every audio set), roll + gain augmentation (data.roll_mag_gain_only=True: the
 reference's gain only), mean-pooled patch tokens -> fc_norm -> head.
-Fine-tune-time 2-D patch masking 0.2 / 0.2 is what the reference scripts pass and its AudioSet
-loop applied (its HEAD loop ignores it; set finetune.mask_t_prob/mask_f_prob to 0 for that).
+Fine-tune-time 2-D patch masking 0.2 / 0.2 is what the reference fine-tuning scripts pass and
+its AudioSet loop applied (its HEAD loop ignores it; set finetune.mask_t_prob/mask_f_prob to 0
+for that). Linear probes do not mask: the reference's probe scripts pass no masking flags.
 The reference trains every audio set with BCE; here single-label sets (ESC-50, Speech
 Commands) use softmax cross-entropy (finetune.loss="bce" restores the reference).
 Speech Commands has no reference script: its schedule is our choice, and its time mask is 48
@@ -100,6 +101,8 @@ def get_config(arg: str = "esc50") -> ml_collections.ConfigDict:
   c.finetune = _finetune_block(lr, epochs, warmup, batch_size,
                                "bce" if d.multi_label else "ce")
   c.finetune.update(extra)
+  if mode == "probe":  # the reference's probe scripts pass no masking flags
+    c.finetune.update(mask_t_prob=0.0, mask_f_prob=0.0)
   if demo:
     _shrink_for_demo(c, keep_kfold=arg not in DEMO_ALIASES)
   return c

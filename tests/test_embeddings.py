@@ -143,3 +143,12 @@ def test_fast_probe_mode_of_the_main_cli(pretrained, corpus, tmp_path):
   assert summary["mode"] == "fast_probe" and 0.0 <= run["final"]["accuracy"] <= 1.0
   assert (run["train_clips"], run["eval_clips"]) == (80, 20)
   assert workdir_lib.load_config(str(tmp_path)).model.width == 64  # the pretrained width
+
+
+def test_prepare_waveform_takes_time_major_input_and_refuses_channels_first():
+  stereo = np.stack([np.full(800, 0.5), np.full(800, 0.1)], axis=1)  # (T, 2)
+  np.testing.assert_allclose(embeddings.prepare_waveform(stereo, 16000, 16000), 0.0, atol=1e-7)
+  with pytest.raises(ValueError, match=r"\(channels, T\) array .* needs a transpose"):
+    embeddings.prepare_waveform(stereo.T, 16000, 16000)
+  with pytest.raises(ValueError, match="too few to resample from 44100 Hz"):
+    embeddings.prepare_waveform(np.ones(1), 44100, 16000)

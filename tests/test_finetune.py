@@ -14,6 +14,7 @@ import pytest
 from bridle_jax import config_validation
 from bridle_jax import prepare as prepare_lib
 from bridle_jax.data import demo
+from bridle_jax.data import sources
 from bridle_jax.evaluate import finetune
 from bridle_jax.evaluate import layer_decay
 from bridle_jax.models import classifier as classifier_lib
@@ -269,3 +270,19 @@ def test_invalid_finetune_field_is_named():
   config = finetune_audio.get_config("as20k")
   with pytest.raises(config_validation.ConfigError, match="^data.eval_manifest: is empty"):
     finetune.validate(config, "finetune")
+
+
+def test_unreadable_eval_manifest_is_named_as_such(corpus, tmp_path):
+  config = finetune_audio.get_config("demo")
+  config.data.update(manifest=corpus["train"], label_csv=corpus["label_csv"],
+                     eval_manifest=str(tmp_path / "eval_typo.json"))
+  train_source = sources.open_source(config.data)
+  with pytest.raises(sources.DataError, match="^data.eval_manifest: file not found"):
+    finetune._open_eval_source(config, train_source)
+
+
+@pytest.mark.parametrize("variant", [v for v in finetune_audio.RECIPES])
+def test_probes_do_not_mask_and_fine_tuning_masks_rows_and_columns(variant):
+  ft = finetune_audio.get_config(variant).finetune
+  masked = (ft.mask_t_prob, ft.mask_f_prob) != (0.0, 0.0)
+  assert masked == (finetune_audio.RECIPES[variant][1] == "finetune")

@@ -50,6 +50,7 @@ def test_default_config_is_the_paper_recipe():
     ("model.decoder.window", (5, 4), "model.decoder.window: (5, 4) does not tile"),
     ("data.mixup", 1.5, "data.mixup: is a probability"),
     ("data.num_workers", -2, "data.num_workers: must be >= 0, or -1 for one per CPU core"),
+    ("data.max_clip_seconds", 1.28, "data.max_clip_seconds: 1.28 s is shorter than the 128"),
     ("rounds", ("encoder", "tokeniser"), "rounds[1]: 'tokeniser' is not one of"),
 ])
 def test_invalid_fields_are_named(field, value, expected):
@@ -116,3 +117,15 @@ def test_bad_input_exits_with_one_line(tmp_path, override, expected):
   assert result.returncode == 2
   assert expected in result.stderr
   assert sum(line.startswith("error:") for line in result.stderr.splitlines()) == 1
+
+
+def test_data_report_of_a_finetune_config_uses_the_finetune_batch(tmp_path):
+  from bridle_jax.data import demo
+  from bridle_jax.data import report
+  from configs import finetune_audio
+  corpus = demo.write_demo_corpus(tmp_path, clips_per_class=2, eval_clips_per_class=1)
+  config = finetune_audio.get_config("demo")
+  config.data.update(demo_dir="", manifest=corpus["train"], label_csv=corpus["label_csv"])
+  config.finetune.batch_size = 8  # the config's pretraining phases keep batch 1024
+  result = report.run_data_report(config, num_batches=2)
+  assert result["waveform_batch"][0] == 8

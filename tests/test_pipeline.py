@@ -136,6 +136,14 @@ def test_mixup_mixes_labels(clips):
   assert (batch["label"].max(1) < 1).any()
 
 
+def test_mixup_partners_come_from_the_mixup_source(clips):
+  zeros, ones = ListSource(clips[0::3]), ListSource(clips[1::3])  # classes 0 and 1
+  batch = next(iter(pipeline.build_dataset(zeros, _data_config(mixup=1.0), global_batch_size=8,
+                                           seed=0, process_index=0, process_count=1,
+                                           mixup_source=ones)))
+  assert (batch["label"][:, 1] > 0).all() and (batch["label"][:, 2] == 0).all()
+
+
 def _with_bad_clips(clips, tmp_path):
   """The clips with four unreadable ones inserted in the middle."""
   (tmp_path / "empty.wav").write_bytes(b"")
@@ -188,3 +196,30 @@ def test_auto_workers_leave_a_core_for_the_training_loop(monkeypatch, cores, set
                                                           expected):
   monkeypatch.setattr(pipeline, "host_cores", lambda: cores)
   assert pipeline.worker_count(setting) == expected
+
+
+def test_an_eval_pass_with_workers_keeps_every_clip_in_order(clips):
+  ds = pipeline.build_dataset(clips, _data_config(num_workers=3), global_batch_size=5, seed=0,
+                              process_index=0, process_count=1, num_epochs=1, train=False)
+  batches = list(ds)
+  assert [len(b["index"]) for b in batches] == [5, 5, 5, 5, 4]
+  np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]),
+                                np.arange(NUM_CLIPS))
+
+
+def test_a_stream_resumes_with_the_worker_count_it_was_saved_with(clips, monkeypatch):
+  cfg = _data_config(num_workers=-1)
+  monkeypatch.setattr(pipeline, "host_cores", lambda: 3)  # 2 workers
+  stream = pipeline.DataStream(clips, cfg, global_batch_size=4, seed=1)
+  for _ in range(3):
+    next(stream)
+  saved = stream.get_state()
+  expected = [next(stream)["index"] for _ in range(3)]
+  monkeypatch.setattr(pipeline, "host_cores", lambda: 1)  # a machine with one core
+  resumed = pipeline.DataStream(clips, cfg, global_batch_size=4, seed=1, saved=saved)
+  assert resumed.workers == 2
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed)["index"], want)
+  with pytest.raises(ValueError, match=r"^data.num_workers: .* saved with 2 grain workers"):
+    pipeline.DataStream(clips, _data_config(num_workers=0), global_batch_size=4, seed=1,
+                        saved=saved)

@@ -28,7 +28,7 @@ class ClipLoader:
   'index' (the record's position in the source)} or, for a clip that cannot be decoded,
   {'bad': reason} (logged with its path here, counted and dropped by `SkipBadClips`).
   """
-  source: Sequence[dict]
+  source: Sequence[dict]  # where mixup partners are drawn from, uniformly
   num_classes: int
   sample_rate: int
   target_length: int
@@ -148,17 +148,22 @@ def host_batch_size(global_batch_size: int, process_count: int) -> int:
 
 def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int, seed: int,
                   process_index: int | None = None, process_count: int | None = None,
-                  num_epochs: int | None = None, train: bool = True) -> grain.IterDataset:
+                  num_epochs: int | None = None, train: bool = True,
+                  num_workers: int | None = None,
+                  mixup_source: Sequence[dict] | None = None) -> grain.IterDataset:
   """Returns this host's batched dataset over `source` (infinite unless num_epochs).
 
   With train=False there is no shuffling, no augmentation and the last partial
   batch is kept, so every clip of this host's shard is seen once per epoch.
+  `num_workers` overrides `worker_count(data_config.num_workers)`; mixup partners come
+  uniformly from `mixup_source` (default `source`; a weighted sampler passes its clips).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   batch = host_batch_size(global_batch_size, process_count)
   loader = ClipLoader(
-      source=source, num_classes=len(source.class_names), sample_rate=data_config.sample_rate,
+      source=source if mixup_source is None else mixup_source,
+      num_classes=len(source.class_names), sample_rate=data_config.sample_rate,
       target_length=data_config.target_length,
       roll_mag_aug=train and data_config.roll_mag_aug,
       roll_mag_gain_only=data_config.roll_mag_gain_only,
@@ -173,12 +178,54 @@ def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs).random_map(loader, seed=seed)
   ds = SkipBadClips(ds.to_iter_dataset(), max_consecutive=min(len(source), 1000))
-  ds = ds.batch(batch, drop_remainder=train)
-  workers = worker_count(data_config.num_workers)
-  if workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=data_config.prefetch))
-  return ds
+  workers = worker_count(data_config.num_workers) if num_workers is None else num_workers
+  options = grain.MultiprocessingOptions(num_workers=workers,
+                                         per_worker_buffer_size=data_config.prefetch)
+  if train:  # each worker batches its own slice of the infinite stream
+    ds = ds.batch(batch, drop_remainder=True)
+    return ds.mp_prefetch(options) if workers else ds
+  # A finite pass: workers hand over single clips, in order, and batching happens here, so
+  # the pass ends with one partial batch rather than one per worker.
+  if workers:
+    ds = ds.mp_prefetch(options)
+  return ds.batch(batch, drop_remainder=False)
+
+
+class DataStream:
+  """This host's infinite training batches, with a position that checkpoints can hold.
+
+  The order of the batches depends on the number of grain workers, so the position
+  (`get_state`) records that number next to grain's iterator state, and a stream rebuilt
+  from a saved position uses it again: with `data.num_workers=-1` a run resumes on a
+  machine with another core count; an explicit count that differs is refused.
+  """
+
+  def __init__(self, source: Sequence[dict], data_config, *, global_batch_size: int, seed: int,
+               saved: dict | None = None, mixup_source: Sequence[dict] | None = None):
+    self.workers = worker_count(data_config.num_workers)
+    if saved is not None and saved["workers"] != self.workers:
+      if data_config.num_workers != -1:
+        raise ValueError(f"data.num_workers: this run's data position was saved with "
+                         f"{saved['workers']} grain workers and the data order depends on "
+                         f"that number; resume with --config.data.num_workers="
+                         f"{saved['workers']} (or -1)")
+      logging.info("Resuming the data stream with the %d grain workers it was saved with",
+                   saved["workers"])
+      self.workers = saved["workers"]
+    self._iterator = iter(build_dataset(source, data_config, global_batch_size=global_batch_size,
+                                        seed=seed, num_workers=self.workers,
+                                        mixup_source=mixup_source))
+    if saved is not None:
+      self._iterator.set_state(saved["iterator"])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._iterator)
+
+  def get_state(self) -> dict:
+    return {"workers": self.workers, "iterator": self._iterator.get_state()}
 
 
 def steps_per_epoch(source: Sequence[dict], global_batch_size: int) -> int:

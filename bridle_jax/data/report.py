@@ -29,12 +29,14 @@ def run_data_report(config, num_batches: int) -> dict:
   data = config.data
   source = sources.open_source(data)
   stats = sources.label_statistics(source)
-  batch_size = config[f"{config.rounds[0]}_phase"].batch_size
+  field = ("finetune" if config.get("finetune") is not None
+           else f"{config.rounds[0]}_phase") + ".batch_size"
+  batch_size = config[field.split(".")[0]].batch_size
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   if batch_size % len(jax.devices()):
-    raise ValueError(f"{config.rounds[0]}_phase.batch_size={batch_size} is not divisible "
-                     f"by the {len(jax.devices())} devices")
+    raise ValueError(f"{field}={batch_size} is not divisible by the {len(jax.devices())} "
+                     "devices")
   ds = pipeline.build_dataset(source, data, global_batch_size=batch_size, seed=config.seed)
   features_fn = _device_features(data)
 

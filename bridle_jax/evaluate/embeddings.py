@@ -50,12 +50,18 @@ DECODE_THREADS = 4
 def prepare_waveform(waveform, sample_rate: int, target_sr: int) -> np.ndarray:
   """(T,) or (T, channels) samples at `sample_rate` -> mono, DC-free float32 at `target_sr`."""
   wave = np.asarray(waveform, np.float32)
+  if wave.ndim == 2 and wave.shape[1] > wave.shape[0]:
+    raise ValueError(f"expected (T, channels) samples, got shape {wave.shape}: a "
+                     "(channels, T) array (torchaudio, librosa) needs a transpose")
   if wave.ndim == 2:
     wave = wave.mean(axis=1, dtype=np.float32)
   if wave.ndim != 1 or wave.size == 0:
     raise ValueError(f"expected a non-empty (T,) or (T, channels) waveform, got {wave.shape}")
   if sample_rate != target_sr:
+    num_samples = wave.size
     wave = soxr.resample(wave, sample_rate, target_sr, quality="HQ")
+    if wave.size == 0:
+      raise ValueError(f"{num_samples} samples are too few to resample from {sample_rate} Hz")
   return (wave - wave.mean()).astype(np.float32)
 
 

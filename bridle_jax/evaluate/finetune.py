@@ -240,7 +240,13 @@ def _init_phase(config) -> str:
 def _open_eval_source(config, train_source):
   data = copy.deepcopy(config.data)
   data.manifest = config.data.eval_manifest
-  eval_source = sources.open_source(data)
+  try:
+    eval_source = sources.open_source(data)
+  except sources.DataError as e:
+    message = str(e)
+    if message.startswith("data.manifest"):  # the field the user set is eval_manifest
+      message = "data.eval_manifest" + message[len("data.manifest"):]
+    raise sources.DataError(message) from e
   if list(eval_source.label_ids) != list(train_source.label_ids):
     raise sources.DataError("data.eval_manifest: its classes differ from data.manifest's")
   return eval_source
@@ -369,20 +375,19 @@ class Finetuner:
       train_data = WeightedSource(train_source, sample_weights(train_source),
                                   total * ft.batch_size, config.seed + index)
     step_fn = self.train_step_fn(total, warmup)
-    iterator = iter(pipeline.build_dataset(train_data, config.data,
-                                           global_batch_size=ft.batch_size,
-                                           seed=config.seed + index))
     ckpt = checkpoint.PhaseCheckpointer(os.path.join(self.workdir, "checkpoints", run_id),
                                         save_every=config.checkpoint_every,
                                         keep=config.keep_checkpoints)
+    data_state = None
     if ckpt.latest_step() is not None:
       state, data_state = ckpt.restore(
           sharding.with_shardings(nn.unbox(self.abstract), self.shardings))
-      if data_state is not None:
-        iterator.set_state(data_state)
       logging.info("%s: resumed at step %d", run_id, int(state.step))
     else:
       state = self.initial_state(index)
+    iterator = pipeline.DataStream(train_data, config.data, global_batch_size=ft.batch_size,
+                                   seed=config.seed + index, saved=data_state,
+                                   mixup_source=train_source)
     evals = {int(k): v for k, v in checkpoint.read_progress(self.workdir)
              .get("evals", {}).get(run_id, {}).items() if int(k) <= int(state.step)}
     logging.info("%s: %s, %d steps (%d per epoch), batch %d, %d train / %d eval clips", run_id,
