@@ -227,6 +227,9 @@ def test_decoder_from_config_demo_shape_and_bfloat16():
                     rngs={"dropout": jax.random.key(1)})
   assert out.shape == (2, 64, num_tokens) and out.dtype == jnp.float32
   assert np.isfinite(np.asarray(out)).all()
+  # The logits keep the matmul's float32 accumulator rather than a bf16 rounding of it.
+  out = np.asarray(out)
+  assert (out != out.astype(jnp.bfloat16).astype(np.float32)).mean() > 0.5
 
 
 def _abstract_params(model, enc_width, length, kept):

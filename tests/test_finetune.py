@@ -105,6 +105,17 @@ def test_classifier_takes_pretrained_encoder_on_its_own_grid():
         params, {**encoder_params, "blocks_1": encoder_params["norm"]})
 
 
+def test_bfloat16_classifier_gives_float32_logits():
+  model = _classifier(dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.PRNGKey(2), (4, 128, 128))
+  params = _init(model, x)
+  params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(3),
+                                               params["head"]["kernel"].shape)
+  logits = np.asarray(model.apply({"params": params}, x))
+  assert logits.dtype == np.float32
+  assert (logits != logits.astype(jnp.bfloat16).astype(np.float32)).mean() > 0.5
+
+
 def test_training_masks_keep_the_expected_token_counts():
   model = _classifier(mask_t_prob=0.5, mask_f_prob=0.25)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 128, 128))

@@ -78,11 +78,12 @@ class Classifier(ViTBackbone):
     block = rematted(DropPathBlock, self.remat, static_argnums=(2,))
     self.blocks = [block(self.num_heads, self.mlp_ratio, rate, self.dtype, self.param_dtype,
                          self.attention_impl) for rate in rates]
-    self.fc_norm = layer_norm(self.dtype, self.param_dtype)
+    # The probe's part (LayerNorm + Linear on the pooled features) runs in float32.
+    self.fc_norm = layer_norm(jnp.float32, self.param_dtype)
     # timm's trunc_normal_(std=2e-5) cuts at +-2 absolute, i.e. +-1e5 standard deviations.
     bound = 2.0 / HEAD_INIT_STD
     self.head = nn.Dense(
-        self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+        self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
         kernel_init=partitioned(
             nn.initializers.truncated_normal(HEAD_INIT_STD, lower=-bound, upper=bound),
             'embed', 'vocab'),

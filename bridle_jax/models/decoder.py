@@ -237,7 +237,7 @@ class Decoder(nn.Module):
 
     x = layers.layer_norm(self.dtype, self.param_dtype, "decoder_norm")(x)
     x = layers.dense(self.num_tokens, ("embed", "vocab"), self.dtype, self.param_dtype,
-                     "decoder_pred")(x)
+                     "decoder_pred", float32_output=True)(x)
     if self.mode == 0:
       x = x[:, 1:]
     return x.astype(jnp.float32)

@@ -5,6 +5,7 @@ Logical axes: 'embed' model width, 'mlp' MLP hidden, 'heads' attention heads, 'k
 linear kernels, zero biases, LayerNorm 1/0. Kernels are stored (in, out); the fused qkv kernel is
 (embed, 3, heads, kv), so a PyTorch (3D, D) weight maps over by reshape (3, H, Kd, D) + transpose.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -33,12 +34,19 @@ def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.
 
 
 def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype,
-          param_dtype: Dtype, name: str | None = None, use_bias: bool = True) -> nn.Dense:
-  """Xavier-uniform Linear with zero bias; `axes` names the (in, out) kernel axes."""
+          param_dtype: Dtype, name: str | None = None, use_bias: bool = True,
+          float32_output: bool = False) -> nn.Dense:
+  """Xavier-uniform Linear with zero bias; `axes` names the (in, out) kernel axes.
+
+  `float32_output` keeps the matmul's float32 accumulator as the output (for logits): the
+  inputs are still multiplied in `dtype`.
+  """
+  dot_general = (functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+                 if float32_output else None)
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
       kernel_init=partitioned(nn.initializers.xavier_uniform(), *axes),
-      bias_init=partitioned(nn.initializers.zeros, axes[1]))
+      bias_init=partitioned(nn.initializers.zeros, axes[1]), dot_general=dot_general)
 
 
 class Mlp(nn.Module):
