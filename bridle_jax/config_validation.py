@@ -4,7 +4,7 @@ import os
 import ml_collections
 
 from bridle_jax.data import audio
-from bridle_jax.models import attention, layers
+from bridle_jax.models import attention, layers, pos_embed
 
 DATA_FORMATS = ("json", "folder", "tfds")
 QUANTIZER_TYPES = ("rq", "vq")
@@ -73,6 +73,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.pos_grid", POS_GRIDS)
+  _one_of(config, "model.pos_crop", pos_embed.CROPS)
+  _require(m.pos_table_frames >= 0 and m.pos_table_frames % m.patch_size == 0,
+           "model.pos_table_frames", f"must be 0 or a multiple of model.patch_size="
+           f"{m.patch_size}, got {m.pos_table_frames}")
   _one_of(config, "model.attention_impl", attention.IMPLEMENTATIONS)
   _one_of(config, "model.remat", tuple(layers.REMAT_POLICIES))
   for field in ("model.attention_impl", "model.decoder.attention_impl"):

@@ -68,6 +68,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.mask_t_prob = 0.7
   m.mask_f_prob = 0.3
   m.pos_grid = "reference"     # reference (8x64 grid quirk) | time_freq
+  m.pos_table_frames = 0       # shorter clips take pos rows from this length's table; fine-
+                               # tuning and embeddings set it to the pretraining length
+  m.pos_crop = "reference"     # which rows: reference (its ESC-50 rows) | center
   m.attention_impl = "auto"    # auto (cuDNN on GPU with bf16, else XLA) | xla | cudnn
   m.remat = "none"             # none | dots | full: recompute blocks in the backward pass
   m.decoder = dec = ml_collections.ConfigDict()

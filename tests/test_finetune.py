@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bridle_jax import config_validation
+from bridle_jax import workdir as workdir_lib
 from bridle_jax import prepare as prepare_lib
 from bridle_jax.data import demo
 from bridle_jax.data import sources
@@ -19,7 +20,9 @@ from bridle_jax.evaluate import finetune
 from bridle_jax.evaluate import layer_decay
 from bridle_jax.models import classifier as classifier_lib
 from bridle_jax.models import layers
+from bridle_jax.models.pos_embed import audio_pos_embed
 from bridle_jax.models import vit
+from configs import audio as audio_config
 from configs import finetune_audio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -297,3 +300,24 @@ def test_probes_do_not_mask_and_fine_tuning_masks_rows_and_columns(variant):
   ft = finetune_audio.get_config(variant).finetune
   masked = (ft.mask_t_prob, ft.mask_f_prob) != (0.0, 0.0)
   assert masked == (finetune_audio.RECIPES[variant][1] == "finetune")
+
+
+def test_shorter_fine_tuning_clips_take_pos_rows_of_the_pretraining_table(tmp_path):
+  pretrain = audio_config.get_config("demo")  # 128 frames: 8 time patches
+  workdir_lib.save_config(pretrain, str(tmp_path))
+  config = finetune_audio.get_config("demo")
+  config.init_from = str(tmp_path)
+  config.data.target_length = 64  # 4 time patches
+  finetune.adopt_pretrained_architecture(config)
+  assert config.model.pos_table_frames == 128
+  grid = classifier_lib.input_grid(config.model, config.data)
+  model = classifier_lib.classifier_from_config(config.model, config.finetune, grid, 10)
+  x = jnp.zeros((1, 64, config.data.num_mel_bins))
+  params = _init(model, x)
+  bias = params["patch_embed"]["proj"]["bias"]
+  params["patch_embed"]["proj"]["bias"] = jnp.zeros_like(bias)
+  # Zero input and zero conv bias: the embedded tokens are the fixed pos rows.
+  pos = model.apply({"params": params}, x, method=model.embed)[0]
+  full = audio_pos_embed(8, grid[1], config.model.width, config.model.pos_grid, cls=False)
+  start = (8 - 4) * grid[1] // 2 - 1  # the reference's rows: centred, one token early
+  np.testing.assert_array_equal(pos, full[start:start + 4 * grid[1]])

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from bridle_jax.models import pos_embed
 from bridle_jax.models.pos_embed import audio_pos_embed, image_pos_embed, sincos_1d
 
 
@@ -76,3 +77,17 @@ def test_cls_row_and_no_cls():
 def test_unknown_grid_rejected():
   with pytest.raises(ValueError):
     audio_pos_embed(64, 8, 768, grid='freq_time')
+
+
+@pytest.mark.parametrize("grid", ["reference", "time_freq"])
+def test_shorter_clips_take_rows_of_the_pretraining_table(grid):
+  full = pos_embed.audio_pos_embed(64, 8, 768, grid)  # (513, 768): CLS row, then 512 patches
+  esc50 = pos_embed.audio_pos_embed(32, 8, 768, grid, table_t=64)
+  np.testing.assert_array_equal(esc50, np.concatenate([full[:1], full[128:384]]))  # reference
+  centred = pos_embed.audio_pos_embed(32, 8, 768, grid, table_t=64, crop="center")
+  np.testing.assert_array_equal(centred, np.concatenate([full[:1], full[129:385]]))
+  np.testing.assert_array_equal(pos_embed.audio_pos_embed(64, 8, 768, grid, table_t=64), full)
+  longer = pos_embed.audio_pos_embed(128, 8, 768, grid, table_t=64)  # own grid's table
+  np.testing.assert_array_equal(longer, pos_embed.audio_pos_embed(128, 8, 768, grid))
+  with pytest.raises(ValueError, match="pos crop"):
+    pos_embed.audio_pos_embed(32, 8, 768, grid, table_t=64, crop="prefix")

@@ -72,9 +72,12 @@ class PosEntry:
   width: int
   pos_grid: str
   cls: bool
+  table_t: int = 0  # rows from a longer grid's table (pos_embed.audio_pos_embed)
+  crop: str = "reference"
 
   def table(self) -> np.ndarray:
-    return audio_pos_embed(*self.grid, self.width, self.pos_grid, cls=self.cls)[None]
+    return audio_pos_embed(*self.grid, self.width, self.pos_grid, cls=self.cls,
+                           table_t=self.table_t, crop=self.crop)[None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +140,9 @@ def _vit(prefix: str, module: str, config) -> dict[str, list[Entry]]:
   m = config.model
   return {
       "cls_token": [ParamEntry(f"{prefix}cls_token", (module, "cls_token"), IDENTITY)],
-      "pos_embed": [PosEntry(f"{prefix}pos_embed", grid_of(config), m.width, m.pos_grid, True)],
+      "pos_embed": [PosEntry(f"{prefix}pos_embed", grid_of(config), m.width, m.pos_grid, True,
+                             m.get("pos_table_frames", 0) // m.patch_size,
+                             m.get("pos_crop", "reference"))],
       "patch_embed": _linear(f"{prefix}patch_embed.proj", (module, "patch_embed", "proj"), CONV),
       "blocks": [e for i in range(m.depth)
                  for e in _block(f"{prefix}blocks.{i}", (module, f"blocks_{i}"))],

@@ -118,17 +118,19 @@ class Embedder:
                    batch_size: int = DEFAULT_BATCH_SIZE) -> "Embedder":
     """The encoder of a finished phase (default: the last) of a pretraining workdir.
 
-    `target_length` (frames) replaces the pretraining clip length; the fixed pos table is
-    then computed for the new patch grid.
+    `target_length` (frames) replaces the pretraining clip length; a shorter clip takes
+    its fixed pos rows from the pretraining table (`model.pos_crop` says which).
     """
     config, _, tree = workdir_lib.load_pretrained(workdir, phase_id)
     data = ml_collections.ConfigDict(config.data.to_dict())
+    model = ml_collections.ConfigDict(config.model.to_dict())
     if target_length:
       if target_length % config.model.patch_size:
         raise ValueError(f"target_length {target_length} is not a multiple of the patch size "
                          f"{config.model.patch_size}")
+      model.pos_table_frames = data.target_length
       data.target_length = target_length
-    return cls(config.model, data, tree["params"]["encoder"], batch_size)
+    return cls(model, data, tree["params"]["encoder"], batch_size)
 
   def _embed_batch(self, params, waveforms, valid_frames):
     x = audio.features(waveforms, valid_frames, num_mel_bins=self.data.num_mel_bins,

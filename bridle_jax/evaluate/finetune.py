@@ -219,13 +219,16 @@ def validate(config, mode: str) -> None:
 
 
 def adopt_pretrained_architecture(config) -> None:
-  """Copies the encoder architecture of `config.init_from` into `config.model`."""
-  pretrained = workdir_lib.load_config(config.init_from).model
-  for field in ARCHITECTURE_FIELDS:
-    if config.model[field] != pretrained[field]:
-      logging.info("model.%s: %s from %s (config had %s)", field, pretrained[field],
-                   config.init_from, config.model[field])
-      config.model[field] = pretrained[field]
+  """Copies the encoder architecture of `config.init_from` into `config.model`, and its clip
+  length into `model.pos_table_frames` (shorter clips take their pos rows from that table)."""
+  pretrained_config = workdir_lib.load_config(config.init_from)
+  pretrained = {**{field: pretrained_config.model[field] for field in ARCHITECTURE_FIELDS},
+                "pos_table_frames": pretrained_config.data.target_length}
+  for field, value in pretrained.items():
+    if config.model[field] != value:
+      logging.info("model.%s: %s from %s (config had %s)", field, value, config.init_from,
+                   config.model[field])
+      config.model[field] = value
 
 
 def _init_phase(config) -> str:

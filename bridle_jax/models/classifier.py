@@ -10,9 +10,10 @@ follows the reference's `forward(x, mask_t_prob, mask_f_prob)`.
 Param tree: patch_embed, cls_token, blocks_{i} (norm1, attn, norm2, mlp: the names of
 `layers.Block`, so pretrained encoder params drop in unchanged), fc_norm, head.
 
-Input length: the fixed pos table is a function of the patch grid, so a classifier for another
-clip length than pretraining (ESC-50: 512 frames, 32 x 8 patches, vs 1024) is built for its own
-grid with the same `pos_grid` rule. The reference instead keeps rows 128..383 of its 64 x 8 table.
+Input length: a classifier for shorter clips than pretraining (ESC-50: 512 frames, 32 x 8
+patches, vs 1024) takes its fixed pos rows from the pretraining table (`model.pos_table_frames`,
+set from `init_from`): by default rows 128..383 of the 64 x 8 table, as the reference does
+(`model.pos_crop`, pos_embed module doc). Longer clips get a table for their own grid.
 """
 from typing import Any
 

@@ -10,6 +10,12 @@ the patch's time/frequency indices (ViT-B audio: k mod 64 and k // 64 instead of
 t = k // 8). This is the default because pretrained checkpoints were trained with it.
 Audio ('time_freq'): the MAE convention on the true (time, freq) grid, first half f = k mod grid_f,
 second half t = k // grid_f. Images use the MAE convention on the true (rows, cols) grid.
+
+Shorter clips than pretraining (ESC-50: 512 frames, 32 x 8 patches, after 1024-frame
+pretraining) take a run of consecutive rows of the pretraining table (`table_t`), so that
+the fixed encoding of a token is one the encoder was trained with. 'reference' (the
+default) takes the rows the reference's ESC-50 loader keeps, 128..383 of a table whose
+row 0 is CLS: the centred run, one token early. 'center' takes the centred run itself.
 """
 import numpy as np
 
@@ -38,20 +44,35 @@ def _with_cls(table: np.ndarray, cls: bool) -> np.ndarray:
   return table.astype(np.float32)
 
 
+CROPS = ('reference', 'center')
+
+
+def crop_start(tokens: int, table_tokens: int, crop: str = 'reference') -> int:
+  """First token of the `table_tokens` table whose row a `tokens`-long sequence starts at."""
+  if crop not in CROPS:
+    raise ValueError(f"pos crop must be one of {CROPS}, got {crop!r}")
+  start = (table_tokens - tokens) // 2
+  return max(start - 1, 0) if crop == 'reference' else start
+
+
 def audio_pos_embed(grid_t: int, grid_f: int, dim: int, grid: str = 'reference',
-                    cls: bool = True) -> np.ndarray:
+                    cls: bool = True, table_t: int = 0, crop: str = 'reference') -> np.ndarray:
   """((cls +) grid_t * grid_f, dim) table for tokens k = grid_f * t + f.
 
   grid: 'reference' reproduces the reference's swapped-grid quirk; 'time_freq' encodes the true
   frequency (first half) and time (second half) patch indices.
+  table_t: when longer than grid_t, the rows come from the table of a (table_t, grid_f) grid
+  (the pretraining clip length), starting at `crop_start`; otherwise the table is grid_t's.
   """
+  rows_t = table_t if table_t > grid_t else grid_t
   if grid == 'reference':
-    table = sincos_2d(grid_f, grid_t, dim)
+    table = sincos_2d(grid_f, rows_t, dim)
   elif grid == 'time_freq':
-    table = sincos_2d(grid_t, grid_f, dim)
+    table = sincos_2d(rows_t, grid_f, dim)
   else:
     raise ValueError(f"pos grid must be 'reference' or 'time_freq', got {grid!r}")
-  return _with_cls(table, cls)
+  start = crop_start(grid_t * grid_f, rows_t * grid_f, crop) if rows_t > grid_t else 0
+  return _with_cls(table[start:start + grid_t * grid_f], cls)
 
 
 def image_pos_embed(grid_h: int, grid_w: int, dim: int, cls: bool = True) -> np.ndarray:

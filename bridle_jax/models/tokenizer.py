@@ -101,6 +101,7 @@ def estimator_from_config(model_cfg: Any, grid: tuple[int, int],
   teacher_width defaults to the encoder width (the teacher E has the same ViT size).
   """
   kwargs = backbone_kwargs(model_cfg, grid)
-  del kwargs['patch_size']
+  for field in ('patch_size', 'pos_table_t', 'pos_crop'):  # the estimator's table is its own
+    del kwargs[field]
   kwargs['depth'] = model_cfg.tokenizer.estimator_depth
   return Estimator(**kwargs, teacher_width=teacher_width or model_cfg.width)

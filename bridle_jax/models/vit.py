@@ -2,7 +2,8 @@
 
 Param tree (PyTorch key -> Flax path): patch_embed.proj -> patch_embed/proj, cls_token,
 blocks.{i} -> blocks_{i}, norm. The fixed `pos_embed` is not a parameter: it is
-`pos_embed.audio_pos_embed(grid_t, grid_f, width, pos_grid)`, recomputed on every trace.
+`pos_embed.audio_pos_embed(grid_t, grid_f, width, pos_grid, table_t=pos_table_t)`, recomputed
+on every trace.
 Input: audio fbank (B, T, F) or (B, T, F, C), images (B, H, W, C); grid = (H/p, W/p). The token
 residual stream is float32; matmuls run in `dtype`; outputs are in `dtype`.
 """
@@ -26,6 +27,8 @@ class ViTBackbone(nn.Module):
   mlp_ratio: float = 4.0
   patch_size: int = 16
   pos_grid: str = 'reference'  # see pos_embed.audio_pos_embed; use 'time_freq' for images
+  pos_table_t: int = 0  # take the pos rows from a longer grid's table (pos_embed module doc)
+  pos_crop: str = 'reference'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'auto'
@@ -51,7 +54,8 @@ class ViTBackbone(nn.Module):
     if tokens.shape[1] != self.num_patches:
       raise ValueError(f'input {x.shape} gives {tokens.shape[1]} patches, grid {self.grid} '
                        f'expects {self.num_patches}')
-    pos = audio_pos_embed(*self.grid, self.width, self.pos_grid, cls=False)
+    pos = audio_pos_embed(*self.grid, self.width, self.pos_grid, cls=False,
+                          table_t=self.pos_table_t, crop=self.pos_crop)
     return tokens.astype(jnp.float32) + pos[None]
 
   def transform(self, tokens):
@@ -99,6 +103,8 @@ def backbone_kwargs(model_cfg: Any, grid: tuple[int, int]) -> dict[str, Any]:
       grid=tuple(grid), width=model_cfg.width, depth=model_cfg.depth,
       num_heads=model_cfg.num_heads, mlp_ratio=model_cfg.mlp_ratio,
       patch_size=model_cfg.patch_size, pos_grid=model_cfg.pos_grid,
+      pos_table_t=model_cfg.get('pos_table_frames', 0) // model_cfg.patch_size,
+      pos_crop=model_cfg.get('pos_crop', 'reference'),
       dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get('attention_impl', 'auto'),
       remat=model_cfg.get('remat', 'none'))
 
