@@ -155,7 +155,7 @@ class Trainer:
         self._check_finite(run)
       if due_save:
         run.checkpointer.save(step, run.state, run.iterator.get_state(), force=step == run.total)
-      if self.preemption.requested(step):
+      if self.preemption.requested():
         run.checkpointer.save(step, run.state, run.iterator.get_state(), force=True)
         run.checkpointer.wait()
         raise Preempted(f"{phase.id}: preempted at step {step}/{run.total}; checkpoint saved, "
@@ -328,6 +328,7 @@ class PreemptionNotice:
 
   def __init__(self):
     self._received = False
+    self._checks = 0
     single = jax.process_count() == 1
     if single and threading.current_thread() is threading.main_thread():
       signal.signal(signal.SIGTERM, self._on_signal)
@@ -337,9 +338,16 @@ class PreemptionNotice:
     logging.warning("SIGTERM received: saving a checkpoint after this step")
     self._received = True
 
-  def requested(self, step: int) -> bool:
+  def requested(self) -> bool:
+    """Whether to save and stop now; every process calls this once per train step.
+
+    The sync point is given a count of these calls that only grows over the process's
+    life: jax stops every process at the call after the highest one reported when the
+    notice came, which a step count restarting in each phase could never reach.
+    """
+    self._checks += 1
     if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(self._checks)
     return self._received
 
 

@@ -112,7 +112,7 @@ def restore_final(directory: str, abstract: dict) -> dict:
 
 
 def load_pretrained(workdir: str, phase_id: str | None = None):
-  """(config, models, {'params', 'codebooks'}) of a finished phase, on the default device.
+  """(config, models, {"params", "codebooks"}) of a finished phase, on this process's first device.
 
   phase_id defaults to the last finished phase. The run's speed settings are replaced by
   SPEED_DEFAULTS, so a run trained with cuDNN attention or remat loads anywhere.
@@ -127,7 +127,7 @@ def load_pretrained(workdir: str, phase_id: str | None = None):
     raise FileNotFoundError(f"{workdir}: phase {phase_id!r} is not finished (finished: {done})")
   config.update_from_flattened_dict(SPEED_DEFAULTS)  # e.g. a cuDNN run read back on a CPU
   models = state_lib.build_models(config)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # each process its own
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           nn.unbox(abstract_pretrained(models)))
   return config, models, restore_final(final_dir(workdir, phase_id), abstract)

@@ -82,3 +82,19 @@ def test_two_processes_preempt_at_one_step_and_resume(corpus, tmp_path):
   assert "process 1 of 2: 2 local devices of 4" in results[1][1]
   summary = json.loads((tmp_path / "summary.json").read_text())["phases"]["p1_encoder"]
   assert summary["steps"] == STEPS and summary["batches_with_reused_codes"] > 0
+
+  # Every process loads the finished phase (what fast probes, embeddings and exports do).
+  port = _free_port()
+  load = ("import sys, jax, numpy as np; from bridle_jax import workdir; "
+          f"jax.distributed.initialize('localhost:{port}', 2, int(sys.argv[1])); "
+          f"_, _, tree = workdir.load_pretrained({str(tmp_path)!r}); "
+          "print(sum(float(np.abs(np.asarray(x)).sum()) for x in jax.tree.leaves(tree)))")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  loaders = [subprocess.Popen([sys.executable, "-c", load, str(i)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+  outputs = [p.communicate(timeout=120) for p in loaders]
+  assert [p.returncode for p in loaders] == [0, 0], outputs
+  totals = [out.splitlines()[-1] for out, _ in outputs]  # after the collectives' chatter
+  assert totals[0] == totals[1] and float(totals[0]) > 0

@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 
 from bridle_jax import files
@@ -72,9 +71,7 @@ class _HostDataHandler(ocp.CheckpointHandler):
   def restore(self, directory: epath.Path, args: "_HostDataRestore | None" = None):
     del args
     path = directory / _host_file_name()
-    if not path.exists():
-      logging.warning("No data state %s in %s (saved with another process count?); "
-                      "the data iterator starts afresh.", path.name, directory)
+    if not path.exists():  # saved with another process count; callers say what that means
       return None
     return _decode_json(json.loads(path.read_text()))
 
