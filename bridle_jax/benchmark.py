@@ -16,6 +16,7 @@ grain pipeline of `config.data` on the host (the demo corpus is written to `--wo
 Several `--batch` sizes are measured one after the other; one that runs out of device
 memory is reported as such, and the fastest is named at the end.
 """
+import copy
 import datetime
 import os
 import shlex
@@ -188,7 +189,11 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
   """Times the phase's compiled step on random input; returns the report."""
   models, state, device_batch, compiled = compile_phase(config, kind, batch)
   every = config[f"{kind}_phase"].get("tokenizer_every", 1) if kind == "joint" else 1
-  schedule = [compiled[0] if i % every == 0 else compiled[-1] for i in range(every)]
+
+  def schedule_of(compiled):
+    return [compiled[0] if i % every == 0 else compiled[-1] for i in range(every)]
+
+  schedule = schedule_of(compiled)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
   step = 0
 
@@ -206,7 +211,15 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
     run(num_steps)
     times.append((time.perf_counter() - start) / num_steps)
   step_time = statistics.median(times)
+  peak_memory = peak_memory_bytes()  # before the FLOP count below can allocate more
+  state = device_batch = None  # frees the device for that count's compile
   # An SPMD program's cost analysis counts one device's share, replicated work included.
+  # It counts the body of a grad_accum loop once, so the FLOPs come from the same step
+  # compiled without accumulation (the same work per step; compiled only, never run).
+  if config[f"{kind}_phase"].grad_accum > 1:
+    config = copy.deepcopy(config)
+    config[f"{kind}_phase"].grad_accum = 1
+    schedule = schedule_of(compile_phase(config, kind, batch)[3])
   flops = jax.device_count() * sum(cost_flops(c) for c in schedule) / every
   device = jax.devices()[0]
   peak = peak_tflops(device)
@@ -221,7 +234,7 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
       "cost_to_analytic": flops / analytic if analytic else None,
       "tflops_per_second": tflops,
       "mfu": tflops / (peak * jax.device_count()) if peak else None,
-      "peak_memory_bytes": peak_memory_bytes(),
+      "peak_memory_bytes": peak_memory,
   }
 
 
@@ -340,8 +353,8 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/audio.py:demo")
   if flags.FLAGS.dtype:
     config.model.dtype = flags.FLAGS.dtype
-  try:
-    batches = [int(b) for b in flags.FLAGS.batch]
+  try:  # ascending, so each row's peak memory (the process's peak so far) is its own
+    batches = sorted(int(b) for b in flags.FLAGS.batch)
   except ValueError as e:
     raise app.UsageError(f"--batch takes integers: {e}") from e
   if flags.FLAGS.input:

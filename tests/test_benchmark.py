@@ -147,3 +147,13 @@ def test_input_benchmark_times_the_host_pipeline(tmp_path):
       report["clips_per_second"] / report["cores"])
   assert "clips/s per core" in benchmark.format_report(report)
   assert report["clip_seconds"] == pytest.approx(1.28)  # 1.5 s demo clips, 128 frames kept
+
+
+def test_flops_per_step_do_not_depend_on_gradient_accumulation():
+  flops = {}
+  for accum in (1, 4):
+    config = _demo_config()
+    config.encoder_phase.grad_accum = accum
+    flops[accum] = benchmark.run_step_benchmark(config, "encoder", 16, num_steps=1, warmup=1,
+                                                repeats=1)["flops_per_step"]
+  assert flops[4] == pytest.approx(flops[1], rel=0.05)
