@@ -18,6 +18,7 @@ import threading
 
 import flax.linen as nn
 import jax
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -170,6 +171,8 @@ class Trainer:
     final.close()
     summary = phase_monitor.finish()
     self.loss_histories[phase.id] = phase_monitor.loss_history
+    if jax.process_count() > 1:  # every host skips its own clips
+      skipped = int(multihost_utils.process_allgather(np.int64(skipped)).sum())
     summary.update(skipped_clips=skipped, cold_start=run.cold_start, steps=run.total)
     if run.code_reuse is not None:
       summary.update(batches_with_reused_codes=run.code_reuse.reused_batches)
@@ -288,7 +291,7 @@ class Trainer:
       if reinit_encoder:
         params.update(state_lib.group_params(initial.params, "encoder"))
       codebooks = initial.codebooks if fresh_codebooks else handoff["codebooks"]
-      return state_lib.new_state(params, codebooks, groups, tx, rng)
+      return state_lib.new_state(params, codebooks, groups, tx, initial.rng)
 
     return jax.jit(start, out_shardings=shardings)(handoff, rng)
 

@@ -1,8 +1,12 @@
-"""The train loop: how far the host runs ahead of the device, and when it stops for preemption."""
+"""The train loop: how far the host runs ahead of the device, when it stops for preemption,
+and the random key it starts from."""
 import jax
 import jax.numpy as jnp
+import optax
 
 from bridle_jax import driver
+from bridle_jax.train import state as state_lib
+from configs import audio as audio_config
 
 
 @jax.jit
@@ -31,3 +35,12 @@ def test_preemption_sync_point_ids_keep_growing_across_phases(monkeypatch):
   second_phase = [notice.requested() for _ in range(3)]  # its steps restart at 1
   assert reported == list(range(1, 9))
   assert not any(first_phase) and second_phase == [False, True, False]
+
+
+def test_a_fresh_state_keeps_a_key_that_initialised_nothing():
+  config = audio_config.get_config("demo")
+  models = state_lib.build_models(config)
+  rng = jax.random.PRNGKey(0)
+  state = state_lib.fresh_state_fn(models, ("encoder",), optax.sgd(0.1))(rng)
+  used = jax.random.split(rng)  # keys an init could have taken from `rng`
+  assert not any(bool((state.rng == key).all()) for key in (rng, *used))

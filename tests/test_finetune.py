@@ -160,14 +160,22 @@ def test_sample_weights_are_ast_inverse_label_frequencies():
   np.testing.assert_allclose(weights, [w[0], w[0], w[0], w[1], w[0] + w[2], 0.0])
 
 
-def test_weighted_source_draws_in_proportion_and_deterministically():
-  table = _Table([[0], [1], [2]])
-  source = finetune.WeightedSource(table, np.array([1.0, 3.0, 0.0]), length=4000, seed=5)
-  drawn = np.array([source[i]["path"] for i in range(len(source))])
-  assert np.mean(drawn == "clip1") == pytest.approx(0.75, abs=0.03)
-  assert not np.any(drawn == "clip2")
-  again = finetune.WeightedSource(table, np.array([1.0, 3.0, 0.0]), length=4000, seed=5)
-  assert [again[i]["path"] for i in range(50)] == list(drawn[:50])
+def test_weighted_source_draws_each_epoch_without_replacement_in_proportion():
+  table = _Table([[0], [1], [2], [0]])
+  weights = np.array([1.0, 3.0, 6.0, 0.0])
+  source = finetune.WeightedSource(table, weights, epoch_size=2, num_epochs=3000, seed=5)
+  epochs = np.array([source[i]["path"] for i in range(len(source))]).reshape(3000, 2)
+  assert (epochs[:, 0] != epochs[:, 1]).all()  # no clip twice in an epoch
+  assert not np.any(epochs == "clip3")  # zero weight
+  # Sequential draws: the first is clip2 with p = 6/10; the second, after a first clip1,
+  # is clip2 with p = 6/7.
+  assert np.mean(epochs[:, 0] == "clip2") == pytest.approx(0.6, abs=0.03)
+  after_clip1 = epochs[epochs[:, 0] == "clip1", 1]
+  assert np.mean(after_clip1 == "clip2") == pytest.approx(6 / 7, abs=0.05)
+  again = finetune.WeightedSource(table, weights, epoch_size=2, num_epochs=3000, seed=5)
+  assert [again[i]["path"] for i in range(50)] == list(epochs.reshape(-1)[:50])
+  with pytest.raises(ValueError, match="^finetune.epoch_samples=4 exceeds the 3 clips"):
+    finetune.WeightedSource(table, weights, epoch_size=4, num_epochs=1, seed=5)
 
 
 def test_subset_source_label_table_matches_its_records():

@@ -150,13 +150,15 @@ def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int
                   process_index: int | None = None, process_count: int | None = None,
                   num_epochs: int | None = None, train: bool = True,
                   num_workers: int | None = None,
-                  mixup_source: Sequence[dict] | None = None) -> grain.IterDataset:
+                  mixup_source: Sequence[dict] | None = None,
+                  shuffle: bool = True) -> grain.IterDataset:
   """Returns this host's batched dataset over `source` (infinite unless num_epochs).
 
   With train=False there is no shuffling, no augmentation and the last partial
   batch is kept, so every clip of this host's shard is seen once per epoch.
   `num_workers` overrides `worker_count(data_config.num_workers)`; mixup partners come
-  uniformly from `mixup_source` (default `source`; a weighted sampler passes its clips).
+  uniformly from `mixup_source` (default `source`; a weighted sampler passes its clips);
+  shuffle=False reads a source whose order is already random (a weighted sampler) in order.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -174,7 +176,7 @@ def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int
   ds = ds[process_index::process_count]
   if len(ds) < batch and train:
     raise ValueError(f"host shard holds {len(ds)} clips, fewer than one batch of {batch}")
-  if train:
+  if train and shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs).random_map(loader, seed=seed)
   ds = SkipBadClips(ds.to_iter_dataset(), max_consecutive=min(len(source), 1000))
@@ -201,7 +203,8 @@ class DataStream:
   """
 
   def __init__(self, source: Sequence[dict], data_config, *, global_batch_size: int, seed: int,
-               saved: dict | None = None, mixup_source: Sequence[dict] | None = None):
+               saved: dict | None = None, mixup_source: Sequence[dict] | None = None,
+               shuffle: bool = True):
     self.workers = worker_count(data_config.num_workers)
     if saved is not None and saved["workers"] != self.workers:
       if data_config.num_workers != -1:
@@ -214,7 +217,7 @@ class DataStream:
       self.workers = saved["workers"]
     self._iterator = iter(build_dataset(source, data_config, global_batch_size=global_batch_size,
                                         seed=seed, num_workers=self.workers,
-                                        mixup_source=mixup_source))
+                                        mixup_source=mixup_source, shuffle=shuffle))
     if saved is not None:
       self._iterator.set_state(saved["iterator"])
 

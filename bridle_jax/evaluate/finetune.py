@@ -95,31 +95,47 @@ class SubsetSource:
 
 
 class WeightedSource:
-  """AST-style weighted sampling with replacement, as a virtual source of `length` records.
+  """AST-style weighted sampling, as a virtual source of `num_epochs` x `epoch_size` records.
 
-  Record i is clip j with probability weights[j] / sum(weights), drawn from (seed, i) alone,
-  so the stream is deterministic, resumable and the same in every worker process.
+  Each epoch holds `epoch_size` distinct clips drawn with probability proportional to their
+  weights, one after another without replacement (the reference's
+  WeightedRandomSampler(replacement=False)): the epoch's clips are those with the largest
+  keys log(u) / weight, u ~ U(0, 1) from (seed, epoch) alone, in decreasing key order. That
+  order is already random, so the pipeline reads these records unshuffled, in order, and
+  each worker computes an epoch's draw once; the stream is deterministic and resumable.
   """
 
-  def __init__(self, source, weights: np.ndarray, length: int, seed: int):
+  def __init__(self, source, weights: np.ndarray, epoch_size: int, num_epochs: int, seed: int):
     weights = np.asarray(weights, np.float64)
     if weights.shape != (len(source),) or (weights < 0).any() or weights.sum() <= 0:
       raise ValueError("sample weights must be one non-negative value per clip, not all zero")
+    if epoch_size > np.count_nonzero(weights):
+      raise ValueError(f"finetune.epoch_samples={epoch_size} exceeds the "
+                       f"{np.count_nonzero(weights)} clips with a non-zero sample weight")
     self.source = source
     self.class_names = source.class_names
     self.label_ids = source.label_ids
-    self._cdf = np.cumsum(weights) / weights.sum()
-    self._length = length
+    self._weights = weights
+    self._epoch_size = epoch_size
+    self._length = epoch_size * num_epochs
     self._seed = seed
+    self._drawn = (-1, None)  # (epoch, its clips in draw order)
 
   def __len__(self) -> int:
     return self._length
 
+  def _epoch(self, epoch: int) -> np.ndarray:
+    if self._drawn[0] != epoch:
+      u = np.random.default_rng([self._seed, epoch]).random(len(self._weights))
+      with np.errstate(divide="ignore"):
+        keys = np.log(u) / self._weights  # zero weight: -inf, never drawn
+      top = np.argpartition(-keys, self._epoch_size - 1)[:self._epoch_size]
+      self._drawn = (epoch, top[np.argsort(-keys[top], kind="stable")])
+    return self._drawn[1]
+
   def __getitem__(self, index: int) -> dict:
-    index = sources.check_index(index, len(self))
-    draw = np.random.default_rng([self._seed, index]).random()
-    clip = min(int(np.searchsorted(self._cdf, draw, side="right")), len(self.source) - 1)
-    return self.source[clip]
+    epoch, position = divmod(sources.check_index(index, len(self)), self._epoch_size)
+    return self.source[int(self._epoch(epoch)[position])]
 
 
 def sample_weights(source) -> np.ndarray:
@@ -375,8 +391,8 @@ class Finetuner:
     eval_every = ft.eval_every_epochs * steps_per_epoch
     train_data = train_source
     if ft.weighted_sampler:
-      train_data = WeightedSource(train_source, sample_weights(train_source),
-                                  total * ft.batch_size, config.seed + index)
+      train_data = WeightedSource(train_source, sample_weights(train_source), epoch_samples,
+                                  math.ceil(total / steps_per_epoch), config.seed + index)
     step_fn = self.train_step_fn(total, warmup)
     ckpt = checkpoint.PhaseCheckpointer(os.path.join(self.workdir, "checkpoints", run_id),
                                         save_every=config.checkpoint_every,
@@ -393,7 +409,7 @@ class Finetuner:
       state = self.initial_state(index)
     iterator = pipeline.DataStream(train_data, config.data, global_batch_size=ft.batch_size,
                                    seed=config.seed + index, saved=data_state,
-                                   mixup_source=train_source)
+                                   mixup_source=train_source, shuffle=not ft.weighted_sampler)
     evals = {int(k): v for k, v in checkpoint.read_progress(self.workdir)
              .get("evals", {}).get(run_id, {}).items() if int(k) <= int(state.step)}
     logging.info("%s: %s, %d steps (%d per epoch), batch %d, %d train / %d eval clips", run_id,

@@ -43,13 +43,15 @@ def codebook_usage_stats(counts) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_summary(workdir: str, summary: dict) -> str:
-  """Writes `summary` to WORKDIR/summary.json atomically; returns the path.
+  """Writes `summary` to WORKDIR/summary.json atomically (process 0 only); returns the path.
 
   numpy and jax scalars/arrays become Python numbers/lists; non-finite floats
   become null so the file is strict JSON.
   """
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "summary.json")
+  if jax.process_index() != 0:
+    return path
+  os.makedirs(workdir, exist_ok=True)
   text = json.dumps(_to_json(summary), indent=2, allow_nan=False) + "\n"
   files.write_atomic(path, text.encode("utf-8"))
   return path

@@ -102,9 +102,9 @@ def new_state(params: dict, codebooks: quantizer.CodebookState, groups: tuple[st
 def fresh_state_fn(models: Models, groups: tuple[str, ...], tx: optax.GradientTransformation):
   """rng -> the annotated initial state of a phase with fresh params and codebooks."""
   def fresh(rng):
-    params_rng, codebook_rng = jax.random.split(rng)
+    params_rng, codebook_rng, state_rng = jax.random.split(rng, 3)
     return new_state(init_params(models, params_rng),
-                     quantizer.init(models.quantizer, codebook_rng), groups, tx, rng)
+                     quantizer.init(models.quantizer, codebook_rng), groups, tx, state_rng)
   return fresh
 
 
