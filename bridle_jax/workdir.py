@@ -25,6 +25,9 @@ SHAPE_FIELDS = ("model", "data.target_length", "data.num_mel_bins")
 # and reset to these portable values when a finished run is loaded for inference.
 SPEED_DEFAULTS = {"model.attention_impl": "auto", "model.remat": "none",
                   "model.decoder.attention_impl": "xla"}
+# Fields added after runs were saved without them, with the value that matches how those
+# runs behaved.
+ADDED_DEFAULTS = {"model.pos_table_frames": 0, "model.pos_crop": "reference"}
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -60,9 +63,10 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str,
     want, got = _flatten(_lookup(saved, field), field + "."), _flatten(_lookup(current, field),
                                                                        field + ".")
     for key in sorted((set(want) | set(got)) - set(SPEED_DEFAULTS)):
-      if want.get(key) != got.get(key):
+      saved_value = want.get(key, ADDED_DEFAULTS.get(key))
+      if saved_value != got.get(key):
         raise ValueError(f"{workdir} holds a run with a different config: {key} is "
-                         f"{want.get(key)!r} there and {got.get(key)!r} now; use another "
+                         f"{saved_value!r} there and {got.get(key)!r} now; use another "
                          f"--workdir (or --config.init_from to start from that run)")
 
 

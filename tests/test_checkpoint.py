@@ -1,5 +1,6 @@
 """Phase checkpoints: exact round trips, retention, async commits, resharding on restore,
 interrupted saves, the progress file and grain iterator state."""
+import json
 import os
 import pathlib
 import shutil
@@ -17,7 +18,9 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from bridle_jax import workdir as workdir_lib
 from bridle_jax.train import checkpoint
+from configs import audio as audio_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -251,3 +254,16 @@ def test_grain_iterator_state_round_trip(tmp_path):
   for want in expected:
     np.testing.assert_array_equal(next(resumed), want)
   assert not np.array_equal(expected[0], next(iter(dataset)))
+
+
+def test_runs_saved_before_the_pos_table_fields_still_resume(tmp_path):
+  config = audio_config.get_config("demo")
+  workdir_lib.save_config(config, str(tmp_path))
+  path = tmp_path / workdir_lib.CONFIG_FILE
+  saved = json.loads(path.read_text())
+  del saved["model"]["pos_table_frames"], saved["model"]["pos_crop"]
+  path.write_text(json.dumps(saved))
+  workdir_lib.check_compatible(config, str(tmp_path))
+  config.model.pos_crop = "center"
+  with pytest.raises(ValueError, match="model.pos_crop is 'reference' there and 'center' now"):
+    workdir_lib.check_compatible(config, str(tmp_path))
