@@ -2,7 +2,7 @@
 
 Per host: shard the source by process index, shuffle by (seed, epoch), repeat, decode
 and augment each clip (roll + gain, mixup), pad/crop, skip and count unreadable clips,
-batch, and run it all in worker processes. The iterator's state (`get_state` /
+batch, and run training streams in worker processes. The iterator's state (`get_state` /
 `set_state`) goes into checkpoints so a resumed run continues the same data order.
 fbank, SpecAugment and normalisation run later, on the device (`audio.features`).
 """
@@ -154,8 +154,8 @@ def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int
                   shuffle: bool = True) -> grain.IterDataset:
   """Returns this host's batched dataset over `source` (infinite unless num_epochs).
 
-  With train=False there is no shuffling, no augmentation and the last partial
-  batch is kept, so every clip of this host's shard is seen once per epoch.
+  With train=False there is no shuffling, no augmentation, no worker processes and the
+  last partial batch is kept, so every clip of this host's shard is seen once per epoch.
   `num_workers` overrides `worker_count(data_config.num_workers)`; mixup partners come
   uniformly from `mixup_source` (default `source`; a weighted sampler passes its clips);
   shuffle=False reads a source whose order is already random (a weighted sampler) in order.
@@ -180,17 +180,17 @@ def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs).random_map(loader, seed=seed)
   ds = SkipBadClips(ds.to_iter_dataset(), max_consecutive=min(len(source), 1000))
+  if not train:
+    # A finite pass runs on grain's threads in this process. Worker processes would each
+    # batch their own slice and end it with a partial batch; handing them single clips
+    # instead was 4.6x slower than threads (1,429 vs 310 clips/s, 1,000 10 s clips).
+    return ds.batch(batch, drop_remainder=False)
+  ds = ds.batch(batch, drop_remainder=True)
   workers = worker_count(data_config.num_workers) if num_workers is None else num_workers
-  options = grain.MultiprocessingOptions(num_workers=workers,
-                                         per_worker_buffer_size=data_config.prefetch)
-  if train:  # each worker batches its own slice of the infinite stream
-    ds = ds.batch(batch, drop_remainder=True)
-    return ds.mp_prefetch(options) if workers else ds
-  # A finite pass: workers hand over single clips, in order, and batching happens here, so
-  # the pass ends with one partial batch rather than one per worker.
-  if workers:
-    ds = ds.mp_prefetch(options)
-  return ds.batch(batch, drop_remainder=False)
+  if not workers:
+    return ds
+  return ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=workers, per_worker_buffer_size=data_config.prefetch))
 
 
 class DataStream:
