@@ -135,12 +135,22 @@ def test_finish_writes_plot_and_summary(tmp_path):
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert matplotlib.image.imread(path).shape[:2] == (400, 1200)  # Loss and usage panels.
   assert os.listdir(tmp_path / "plots") == ["encoder_r2.png"]
-  assert summary["steps"] == 20
+  assert summary["steps"] == 20 and summary["from_step"] == 0
   assert summary["final_loss"] == pytest.approx(5.0)
   assert summary["mean_loss_last_10pct"] == pytest.approx((100 / 19 + 100 / 20) / 2)
   assert summary["samples_per_s"] > 0 and summary["steady_samples_per_s"] > 0
   assert summary["codebook_usage"]["fraction_used"] == [0.5, 1.0]
   assert summary["codebook_usage"]["perplexity"][1] == pytest.approx(4.0)
+
+
+def test_a_resumed_phase_says_where_its_figures_start(tmp_path):
+  monitor = monitor_lib.PhaseMonitor(str(tmp_path), "encoder_r2", total_steps=10,
+                                     global_batch_size=2, log_every=3, usage_every=10)
+  for step in range(7, 11):  # resumed from the checkpoint at step 6
+    monitor.record(step, {"loss": jnp.float32(step)})
+  summary = monitor.finish()
+  assert (summary["from_step"], summary["steps"]) == (6, 10)
+  assert summary["mean_loss_last_10pct"] == pytest.approx(10.0)
 
 
 def test_finish_without_usage_flushes_and_plots_loss_only(tmp_path):

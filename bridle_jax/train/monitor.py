@@ -79,6 +79,7 @@ class PhaseMonitor:
     self._pending = []  # (step, {name: device value}) not yet fetched.
     self.loss_history = []  # (step, loss) host values, every recorded step.
     self._steps_recorded = 0
+    self._first_step = None  # The step before the first recorded one (where this run began).
     self._last_step = None
     self._interval_start_step = None  # The step before the current log interval.
     self._last_log_time = self._start_time
@@ -97,7 +98,7 @@ class PhaseMonitor:
   def record(self, step: int, metrics: dict) -> None:
     """Buffers the step's scalar metrics; on log steps fetches, logs and writes them."""
     if self._interval_start_step is None:
-      self._interval_start_step = step - 1
+      self._interval_start_step = self._first_step = step - 1
     self._pending.append((step, dict(metrics)))
     self._steps_recorded += 1
     self._last_step = step
@@ -122,8 +123,10 @@ class PhaseMonitor:
   def finish(self) -> dict:
     """Flushes pending metrics, writes the plot, closes the writer and returns the summary.
 
-    Summary: phase, steps (last step), final_loss, mean_loss_last_10pct, wall_time_s,
-    samples_per_s (whole phase, compilation included), steady_samples_per_s (after the
+    Summary: phase, steps (last step), from_step (0, or the step a resumed phase restarted
+    at: the other figures and the plot cover the steps after it), final_loss,
+    mean_loss_last_10pct, wall_time_s, samples_per_s (whole phase, compilation
+    included), steady_samples_per_s (after the
     first log line; None without a later step), codebook_usage ({fraction_used,
     perplexity} per codebook from the latest counts; None if none were recorded) and
     plot (its path; None when not the writer).
@@ -148,6 +151,7 @@ class PhaseMonitor:
     return {
         "phase": self.phase_id,
         "steps": self._last_step or 0,
+        "from_step": self._first_step or 0,
         "final_loss": losses[-1] if losses else None,
         "mean_loss_last_10pct": float(np.mean(tail)) if losses else None,
         "wall_time_s": wall_time,
