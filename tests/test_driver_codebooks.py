@@ -124,6 +124,9 @@ def test_periodic_restart_replaces_dead_codes_without_kmeans(corpus, tmp_path):
   assert not np.isclose(np.asarray(restarted)[dead], books[dead]).all(axis=-1).any()
   np.testing.assert_allclose(np.linalg.norm(np.asarray(restarted)[dead], axis=-1), 1.0,
                              rtol=1e-5)
+  # The cold-start tokenizer keeps its codebooks, as the reference's cold-start run does.
+  cold = steps.prepare_codebooks(state, batch, models=models, cold_start=True, kmeans=False)
+  np.testing.assert_array_equal(np.asarray(cold.codebooks.codebooks), books)
 
 
 def test_driver_restarts_every_n_steps(corpus, tmp_path, monkeypatch):

@@ -163,7 +163,8 @@ def prepare_codebooks(state: TrainState, batch: dict, *, models: Models, cold_st
   """k-means initialisation (when `kmeans` and the spec asks) and a dead-code restart.
 
   Run on a phase's first batch; with kmeans=False, the periodic restart of
-  `<phase>.restart_unused_every`.
+  `<phase>.restart_unused_every`. The cold-start tokenizer gets no restart: the
+  reference's cold-start encoder script turns it off.
   """
   spec = models.quantizer
   rng, kmeans_rng, restart_rng = jax.random.split(state.rng, 3)
@@ -172,7 +173,7 @@ def prepare_codebooks(state: TrainState, batch: dict, *, models: Models, cold_st
   codebooks = state.codebooks
   if kmeans and spec.kmeans_init:
     codebooks = quantizer.kmeans_init(spec, codebooks, z, kmeans_rng)
-  if spec.restart_unused:
+  if spec.restart_unused and not cold_start:
     _, _, _, stats = quantizer.quantize(spec, codebooks, z)
     codebooks = quantizer.restart_unused(spec, codebooks, stats, z, restart_rng)
   return state.replace(codebooks=codebooks, rng=rng)
