@@ -198,7 +198,7 @@ def test_auto_workers_leave_a_core_for_the_training_loop(monkeypatch, cores, set
   assert pipeline.worker_count(setting) == expected
 
 
-def test_an_eval_pass_with_workers_keeps_every_clip_in_order(clips):
+def test_an_eval_pass_keeps_every_clip_in_order_whatever_the_workers(clips):
   ds = pipeline.build_dataset(clips, _data_config(num_workers=3), global_batch_size=5, seed=0,
                               process_index=0, process_count=1, num_epochs=1, train=False)
   batches = list(ds)
