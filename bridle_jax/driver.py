@@ -212,9 +212,6 @@ class Trainer:
     pending = None
     if ckpt.latest_step() is not None:
       state, data_state = ckpt.restore(sharding.with_shardings(nn.unbox(abstract), shardings))
-      if data_state is None:
-        logging.warning("%s: checkpoint holds no data position for this host layout; the "
-                        "data stream restarts from its beginning", phase.id)
       iterator = stream(saved=data_state)
       logging.info("%s: resumed at step %d", phase.id, int(state.step))
     else:

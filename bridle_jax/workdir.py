@@ -109,7 +109,7 @@ def restore_final(directory: str, abstract: dict) -> dict:
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"{directory}: no finished phase checkpoint")
-    tree, _ = ckpt.restore(abstract)
+    tree, _ = ckpt.restore(abstract, with_data=False)
   finally:
     ckpt.close()
   return tree

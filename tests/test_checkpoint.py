@@ -89,6 +89,20 @@ def test_round_trip_restores_every_leaf_and_data_state(tmp_path):
   assert restored_data == data_state
 
 
+def test_data_state_of_another_process_layout_is_reported_missing(tmp_path, caplog):
+  state = _tiny_state()
+  ckpt = checkpoint.PhaseCheckpointer(str(tmp_path), save_every=1, keep=2, async_save=False)
+  assert ckpt.save(3, state, {"next_index": 4})
+  _, data_state = ckpt.restore(_abstract(state), with_data=False)  # final checkpoints
+  assert data_state is None and "data position" not in caplog.text
+  for path in (tmp_path / "3" / "data").iterdir():  # as if saved by another process count
+    path.rename(path.with_name("process_0-of-2.json"))
+  restored, data_state = ckpt.restore(_abstract(state))
+  ckpt.close()
+  _assert_same_tree(restored, state)
+  assert data_state is None and "holds no data position for this host layout" in caplog.text
+
+
 def test_keep_should_save_and_force(tmp_path):
   state = _tiny_state()
   ckpt = checkpoint.PhaseCheckpointer(str(tmp_path), save_every=2, keep=2, async_save=False)

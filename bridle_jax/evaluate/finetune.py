@@ -401,9 +401,6 @@ class Finetuner:
     if ckpt.latest_step() is not None:
       state, data_state = ckpt.restore(
           sharding.with_shardings(nn.unbox(self.abstract), self.shardings))
-      if data_state is None:
-        logging.warning("%s: checkpoint holds no data position for this host layout; the "
-                        "data stream restarts from its beginning", run_id)
       logging.info("%s: resumed at step %d", run_id, int(state.step))
     else:
       state = self.initial_state(index)

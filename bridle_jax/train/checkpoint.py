@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from bridle_jax import files
@@ -71,7 +72,7 @@ class _HostDataHandler(ocp.CheckpointHandler):
   def restore(self, directory: epath.Path, args: "_HostDataRestore | None" = None):
     del args
     path = directory / _host_file_name()
-    if not path.exists():  # saved with another process count; callers say what that means
+    if not path.exists():  # saved with another process count
       return None
     return _decode_json(json.loads(path.read_text()))
 
@@ -128,20 +129,27 @@ class PhaseCheckpointer:
     self._manager.wait_until_finished()
     return self._manager.latest_step()
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict | None]:
+  def restore(self, abstract_state: Any, step: int | None = None, *,
+              with_data: bool = True) -> tuple[Any, dict | None]:
     """Restores `step` (default: the latest) as (state, this host's data state or None).
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with shardings; the restored
-    arrays come back in those shardings.
+    arrays come back in those shardings. The data state is None when `with_data` is False,
+    or (with a warning) when the checkpoint was saved by another number of processes.
     """
     if step is None:
       step = self.latest_step()
       if step is None:
         raise FileNotFoundError(f"no committed checkpoint in {self.directory}")
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      data=_HostDataRestore()))
-    return restored.state, restored.data
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if with_data:
+      items["data"] = _HostDataRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    data_state = restored.data if with_data else None
+    if with_data and data_state is None:
+      logging.warning("%s: checkpoint %d holds no data position for this host layout; the "
+                      "data stream restarts from its beginning", self.directory, step)
+    return restored.state, data_state
 
   def wait(self):
     """Blocks until in-flight saves are committed."""
