@@ -13,8 +13,6 @@ import collections
 import dataclasses
 import functools
 import os
-import signal
-import threading
 
 import flax.linen as nn
 import jax
@@ -30,16 +28,13 @@ from bridle_jax.train import checkpoint
 from bridle_jax.train import code_cache
 from bridle_jax.train import monitor
 from bridle_jax.train import optim
+from bridle_jax.train import preemption
 from bridle_jax.train import sharding
 from bridle_jax.train import state as state_lib
 from bridle_jax.train import steps
 
 BATCH_KEYS = ("waveform", "valid_frames")
 STEPS_IN_FLIGHT = 2  # how far the host may run ahead of the device, in steps
-
-
-class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was saved and rerunning the command resumes."""
 
 
 class NonFiniteTraining(ValueError):
@@ -80,7 +75,7 @@ class Trainer:
     self.handoff_abstract = sharding.with_shardings(nn.unbox(abstract), self.handoff_shardings)
     self.init_from_phases = (workdir_lib.finished_phases(config.init_from)
                              if config.init_from else [])
-    self.preemption = PreemptionNotice()
+    self.preemption = preemption.PreemptionNotice()
     self.loss_histories = {}  # phase id -> [(step, loss)] of the phases this trainer ran
 
   def uses_cold_start(self, phase: Phase) -> bool:
@@ -131,10 +126,10 @@ class Trainer:
     """Trains one phase to its end; returns (phase summary, handoff for the next)."""
     run = self.setup_phase(phase, handoff)
     config = self.config
+    step = int(run.state.step)
     phase_monitor = monitor.PhaseMonitor(
         self.workdir, phase.id, run.total, run.batch_size, config.log_every,
-        config.usage_every, is_writer=jax.process_index() == 0)
-    step = int(run.state.step)
+        config.usage_every, is_writer=jax.process_index() == 0, start_step=step)
     skipped = 0
     window = StepWindow(STEPS_IN_FLIGHT)
     while step < run.total:
@@ -155,12 +150,13 @@ class Trainer:
       if due_save or phase_monitor.should_log(step):
         self._check_finite(run)
       if due_save:
+        phase_monitor.sync()
         run.checkpointer.save(step, run.state, run.iterator.get_state(), force=step == run.total)
       if self.preemption.requested():
+        phase_monitor.sync()
         run.checkpointer.save(step, run.state, run.iterator.get_state(), force=True)
         run.checkpointer.wait()
-        raise Preempted(f"{phase.id}: preempted at step {step}/{run.total}; checkpoint saved, "
-                        "rerun the same command to resume")
+        raise preemption.Preempted(preemption.stop_message(phase.id, step, run.total))
     run.checkpointer.wait()
     run.checkpointer.close()
 
@@ -316,39 +312,6 @@ class StepWindow:
     self._markers.append(marker)
     if len(self._markers) > self._depth:
       self._markers.popleft().block_until_ready()
-
-
-class PreemptionNotice:
-  """Turns SIGTERM (the preemption notice of TPU and cloud schedulers) into a flag.
-
-  In a multi-process job jax's own SIGTERM notifier (installed by
-  `jax.distributed.initialize`) tells the coordinator, and the preemption sync point makes
-  every process stop at the same step; a Python handler would hide the signal from it.
-  """
-
-  def __init__(self):
-    self._received = False
-    self._checks = 0
-    single = jax.process_count() == 1
-    if single and threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, self._on_signal)
-
-  def _on_signal(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint after this step")
-    self._received = True
-
-  def requested(self) -> bool:
-    """Whether to save and stop now; every process calls this once per train step.
-
-    The sync point is given a count of these calls that only grows over the process's
-    life: jax stops every process at the call after the highest one reported when the
-    notice came, which a step count restarting in each phase could never reach.
-    """
-    self._checks += 1
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(self._checks)
-    return self._received
 
 
 @dataclasses.dataclass

@@ -29,6 +29,7 @@ from bridle_jax import files
 from bridle_jax import prepare
 from bridle_jax.data import report
 from bridle_jax.evaluate import finetune
+from bridle_jax.train import preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/audio.py:demo.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
@@ -103,7 +104,7 @@ def main(argv):
     else:
       result = driver.train(config, workdir)
     print(json.dumps(result, indent=1, default=str))
-  except driver.Preempted as e:
+  except preemption.Preempted as e:
     logging.warning("%s", e)
     _fail(str(e), code=143)
   except (ValueError, OSError) as e:  # ConfigError and DataError are ValueErrors

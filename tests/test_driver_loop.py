@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import optax
 
 from bridle_jax import driver
+from bridle_jax.train import preemption
 from bridle_jax.train import state as state_lib
 from configs import audio as audio_config
 
@@ -27,10 +28,10 @@ def test_host_waits_once_more_than_depth_steps_are_queued():
 
 def test_preemption_sync_point_ids_keep_growing_across_phases(monkeypatch):
   reported = []
-  monkeypatch.setattr(driver.jax, "process_count", lambda: 2)
-  monkeypatch.setattr(driver.multihost_utils, "reached_preemption_sync_point",
+  monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point",
                       lambda n: reported.append(n) or n == 7)
-  notice = driver.PreemptionNotice()
+  notice = preemption.PreemptionNotice()
   first_phase = [notice.requested() for _ in range(5)]
   second_phase = [notice.requested() for _ in range(3)]  # its steps restart at 1
   assert reported == list(range(1, 9))

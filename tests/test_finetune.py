@@ -22,6 +22,7 @@ from bridle_jax.models import classifier as classifier_lib
 from bridle_jax.models import layers
 from bridle_jax.models.pos_embed import audio_pos_embed
 from bridle_jax.models import vit
+from bridle_jax.train import preemption
 from configs import audio as audio_config
 from configs import finetune_audio
 
@@ -228,6 +229,27 @@ def test_finetuning_loss_falls_on_demo_data(corpus, tmp_path):
   # The head starts at ~0 (std 2e-5), so the loss starts at ln(10) = 2.303 nats.
   assert result["train"]["mean_loss_last_10pct"] < 2.2, result["train"]
   assert result["final"]["accuracy"] > 0.15  # on its training clips
+
+
+def test_preempted_fine_tuning_saves_and_resumes_to_the_same_result(corpus, tmp_path):
+  config = _config(corpus, steps=6, batch_size=16, eval_every_epochs=100)
+  config.checkpoint_every = 100  # only the preemption and the final step save
+  tuner = _finetuner(config, tmp_path / "stopped", "probe", num_devices=1)
+  calls = []
+  tuner.preemption.requested = lambda: calls.append(1) or len(calls) == 4
+  with pytest.raises(preemption.Preempted, match="preempted at step 4/6"):
+    tuner.train_and_evaluate("probe", 0, tuner.source, tuner.source)
+  resumed = _finetuner(config, tmp_path / "stopped", "probe", num_devices=1)
+  result = resumed.train_and_evaluate("probe", 0, resumed.source, resumed.source)
+  whole = _finetuner(config, tmp_path / "whole", "probe", num_devices=1)
+  expected = whole.train_and_evaluate("probe", 0, whole.source, whole.source)
+
+  assert (result["train"]["from_step"], expected["train"]["from_step"]) == (4, 0)
+  for key in ("final_loss", "mean_loss_last_10pct"):
+    assert result["train"][key] == pytest.approx(expected["train"][key], rel=1e-5), key
+  assert result["final"]["accuracy"] == pytest.approx(expected["final"]["accuracy"])
+  with open(tmp_path / "stopped" / "history" / "probe.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == list(range(1, 7))
 
 
 def _run_cli(*args):

@@ -140,6 +140,18 @@ def _wait_for(pattern, process, timeout=300):
     time.sleep(0.005)
 
 
+def _assert_whole_phase_summarised(workdir):
+  """Every step's loss once, in order, and the summary drawn from them."""
+  with open(workdir / "history" / "p1_encoder.jsonl") as f:
+    history = [json.loads(line) for line in f]
+  assert [r["step"] for r in history] == list(range(1, 13))
+  summary = json.loads((workdir / "summary.json").read_text())["phases"]["p1_encoder"]
+  assert summary["steps"] == 12 and summary["from_step"] > 0
+  assert summary["final_loss"] == pytest.approx(history[-1]["loss"])
+  assert summary["mean_loss_last_10pct"] == pytest.approx(
+      np.mean([r["loss"] for r in history[-2:]]))
+
+
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(corpus, tmp_path):
   process = _cli(tmp_path, *_data_overrides(corpus), wait=False)
   _wait_for(tmp_path / "checkpoints" / "p1_encoder" / "4", process)
@@ -152,6 +164,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(corpus, tmp_path):
   result = _cli(tmp_path, *_data_overrides(corpus))
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed at step {max(steps)}" in result.stderr
+  _assert_whole_phase_summarised(tmp_path)
 
 
 @pytest.mark.parametrize("save_dir", ["p1_encoder/8.orbax-checkpoint-tmp*",
@@ -163,8 +176,7 @@ def test_sigkill_during_a_save_leaves_the_workdir_resumable(corpus, tmp_path, sa
   process.wait()
   result = _cli(tmp_path, *_data_overrides(corpus))
   assert result.returncode == 0, result.stderr[-3000:]
-  summary = json.loads((tmp_path / "summary.json").read_text())
-  assert summary["phases"]["p1_encoder"]["steps"] == 12
+  _assert_whole_phase_summarised(tmp_path)
   _, _, pretrained = workdir_lib.load_pretrained(str(tmp_path))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(pretrained))
 

@@ -143,14 +143,54 @@ def test_finish_writes_plot_and_summary(tmp_path):
   assert summary["codebook_usage"]["perplexity"][1] == pytest.approx(4.0)
 
 
-def test_a_resumed_phase_says_where_its_figures_start(tmp_path):
-  monitor = monitor_lib.PhaseMonitor(str(tmp_path), "encoder_r2", total_steps=10,
-                                     global_batch_size=2, log_every=3, usage_every=10)
-  for step in range(7, 11):  # resumed from the checkpoint at step 6
-    monitor.record(step, {"loss": jnp.float32(step)})
-  summary = monitor.finish()
+def _history(workdir, phase="encoder_r2"):
+  with open(workdir / "history" / f"{phase}.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_a_resumed_phase_summarises_the_whole_phase(tmp_path):
+  # The first run logged up to step 8 but its last checkpoint is at step 6, then a
+  # crash cut a line in half.
+  first = monitor_lib.PhaseMonitor(str(tmp_path), "encoder_r2", total_steps=10,
+                                   global_batch_size=2, log_every=4, usage_every=10)
+  for step in range(1, 9):
+    first.record(step, {"loss": jnp.float32(100 + step)})
+  with open(tmp_path / "history" / "encoder_r2.jsonl", "a") as f:
+    f.write('{"step": 9, "lo')
+
+  resumed = monitor_lib.PhaseMonitor(str(tmp_path), "encoder_r2", total_steps=10,
+                                     global_batch_size=2, log_every=4, usage_every=10,
+                                     start_step=6)
+  for step in range(7, 11):  # redone after the checkpoint, with other losses
+    resumed.record(step, {"loss": jnp.float32(step)})
+  summary = resumed.finish()
+  expected = [(s, 100.0 + s) for s in range(1, 7)] + [(s, float(s)) for s in range(7, 11)]
+  assert resumed.loss_history == expected
+  assert [(r["step"], r["loss"]) for r in _history(tmp_path)] == expected
   assert (summary["from_step"], summary["steps"]) == (6, 10)
-  assert summary["mean_loss_last_10pct"] == pytest.approx(10.0)
+  assert summary["final_loss"] == pytest.approx(10.0)
+  assert summary["mean_loss_last_10pct"] == pytest.approx(10.0)  # 1 of 10 losses
+
+
+def test_a_fresh_phase_discards_an_old_history(tmp_path):
+  _run_phase(tmp_path, 5)
+  summary = _run_phase(tmp_path, 3)
+  assert [r["step"] for r in _history(tmp_path)] == [1, 2, 3]
+  assert summary["final_loss"] == pytest.approx(100 / 3)
+
+
+def test_sync_writes_the_history_without_breaking_the_log_interval(tmp_path, caplog):
+  monitor = monitor_lib.PhaseMonitor(str(tmp_path), "encoder_r2", total_steps=8,
+                                     global_batch_size=2, log_every=4, usage_every=8)
+  with caplog.at_level(logging.INFO):
+    for step in range(1, 5):
+      monitor.record(step, {"loss": jnp.float32(step), "acc": jnp.float32(step % 2)})
+      if step in (2, 3):  # checkpoints at steps 2 and 3
+        monitor.sync()
+        assert [r["step"] for r in _history(tmp_path)] == list(range(1, step + 1))
+  lines = [r.getMessage() for r in caplog.records if "encoder_r2 step" in r.getMessage()]
+  assert len(lines) == 1 and lines[0].startswith("encoder_r2 step 4/8 | loss 2.5 | acc 0.5 |")
+  assert [r["loss"] for r in _history(tmp_path)] == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_finish_without_usage_flushes_and_plots_loss_only(tmp_path):

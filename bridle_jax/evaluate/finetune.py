@@ -47,6 +47,7 @@ from bridle_jax.models import classifier as classifier_lib
 from bridle_jax.train import checkpoint
 from bridle_jax.train import monitor
 from bridle_jax.train import optim
+from bridle_jax.train import preemption
 from bridle_jax.train import sharding
 from bridle_jax.train import state as state_lib
 
@@ -313,6 +314,7 @@ class Finetuner:
     self.encoder_params = self._pretrained_encoder() if config.init_from else None
     self._start = jax.jit(self._start_state, out_shardings=self.shardings)
     self._train_steps = {}  # (total, warmup) -> compiled step; equal folds share one
+    self.preemption = preemption.PreemptionNotice()
 
   def _fresh_state(self, rng) -> ClassifierState:
     """Annotated initial state: fresh classifier params, optimizer over the trainable ones."""
@@ -412,10 +414,10 @@ class Finetuner:
     logging.info("%s: %s, %d steps (%d per epoch), batch %d, %d train / %d eval clips", run_id,
                  self.mode, total, steps_per_epoch, ft.batch_size, len(train_source),
                  len(eval_source))
+    step = int(state.step)
     run_monitor = monitor.PhaseMonitor(self.workdir, run_id, total, ft.batch_size,
                                        config.log_every, config.log_every,
-                                       is_writer=jax.process_index() == 0)
-    step = int(state.step)
+                                       is_writer=jax.process_index() == 0, start_step=step)
     skipped = 0
     while step < total:
       host_batch = next(iterator)
@@ -425,9 +427,15 @@ class Finetuner:
       step += 1
       run_monitor.record(step, step_metrics)
       if ckpt.should_save(step) or step == total:
+        run_monitor.sync()
         ckpt.save(step, state, iterator.get_state(), force=step == total)
       if step % eval_every == 0 or step == total:
         self._evaluate_into(evals, run_id, step, state.params, eval_source)
+      if self.preemption.requested():
+        run_monitor.sync()
+        ckpt.save(step, state, iterator.get_state(), force=True)
+        ckpt.wait()
+        raise preemption.Preempted(preemption.stop_message(run_id, step, total))
     if total not in evals:  # resumed from the last checkpoint before its evaluation
       self._evaluate_into(evals, run_id, total, state.params, eval_source)
     ckpt.wait()

@@ -2,8 +2,12 @@
 
 The train loop hands `PhaseMonitor.record` the step's metrics as device values; they
 are only fetched to the host (one `jax.device_get` for the whole interval) when a
-log line is due, so dispatch stays asynchronous between log steps. Steps count
-completed optimizer steps of the phase: 1..total_steps.
+log line is due or `sync` is called before a checkpoint, so dispatch stays asynchronous
+between those steps. Steps count completed optimizer steps of the phase: 1..total_steps.
+
+The loss of every step is also appended to WORKDIR/history/<phase>.jsonl. A phase that
+resumes from the checkpoint at step S keeps the lines up to S, so its summary and loss
+plot cover the whole phase, as if it had never stopped.
 
 TensorBoard event files are written by tensorboardX, which needs no TensorFlow.
 """
@@ -61,7 +65,8 @@ class PhaseMonitor:
   """Logs, TensorBoard scalars, loss history and codebook usage of one training phase."""
 
   def __init__(self, workdir: str, phase_id: str, total_steps: int, global_batch_size: int,
-               log_every: int, usage_every: int, is_writer: bool = True):
+               log_every: int, usage_every: int, is_writer: bool = True, start_step: int = 0):
+    """start_step: the step the phase (re)starts at, 0 or that of the restored checkpoint."""
     for name, value in (("total_steps", total_steps), ("global_batch_size", global_batch_size),
                         ("log_every", log_every), ("usage_every", usage_every)):
       if value < 1:
@@ -76,12 +81,15 @@ class PhaseMonitor:
     self._writer = (SummaryWriter(os.path.join(workdir, "tensorboard", phase_id))
                     if is_writer else None)
     self._start_time = time.perf_counter()
-    self._pending = []  # (step, {name: device value}) not yet fetched.
-    self.loss_history = []  # (step, loss) host values, every recorded step.
+    self._pending = []  # (step, {name: device or host value}) not yet logged.
+    self._fetched = 0  # How many of the pending entries hold host values.
+    self._history_path = os.path.join(workdir, "history", f"{phase_id}.jsonl")
+    # (step, loss) host values of every fetched step, earlier runs of the phase included.
+    self.loss_history = self._restore_history(start_step) if is_writer else []
     self._steps_recorded = 0
-    self._first_step = None  # The step before the first recorded one (where this run began).
-    self._last_step = None
-    self._interval_start_step = None  # The step before the current log interval.
+    self._first_step = start_step  # Where this run began.
+    self._last_step = start_step
+    self._interval_start_step = start_step  # The step before the current log interval.
     self._last_log_time = self._start_time
     self._first_log = None  # (steps recorded, time) at the first log line.
     self._usage_total = None  # (S, K) counts summed over record_codebook_usage calls.
@@ -97,8 +105,6 @@ class PhaseMonitor:
 
   def record(self, step: int, metrics: dict) -> None:
     """Buffers the step's scalar metrics; on log steps fetches, logs and writes them."""
-    if self._interval_start_step is None:
-      self._interval_start_step = self._first_step = step - 1
     self._pending.append((step, dict(metrics)))
     self._steps_recorded += 1
     self._last_step = step
@@ -124,12 +130,12 @@ class PhaseMonitor:
     """Flushes pending metrics, writes the plot, closes the writer and returns the summary.
 
     Summary: phase, steps (last step), from_step (0, or the step a resumed phase restarted
-    at: the other figures and the plot cover the steps after it), final_loss,
-    mean_loss_last_10pct, wall_time_s, samples_per_s (whole phase, compilation
-    included), steady_samples_per_s (after the
-    first log line; None without a later step), codebook_usage ({fraction_used,
-    perplexity} per codebook from the latest counts; None if none were recorded) and
-    plot (its path; None when not the writer).
+    at: the timings and the plot's code frequencies cover the steps after it), final_loss
+    and mean_loss_last_10pct (of the whole phase's loss history), wall_time_s,
+    samples_per_s (compilation included), steady_samples_per_s (after the first log line;
+    None without a later step), codebook_usage ({fraction_used, perplexity} per codebook
+    from the latest counts; None if none were recorded) and plot (its path; None when not
+    the writer).
     """
     if self._pending:
       self._flush()
@@ -150,8 +156,8 @@ class PhaseMonitor:
                 / (end_time - self._first_log[1]))
     return {
         "phase": self.phase_id,
-        "steps": self._last_step or 0,
-        "from_step": self._first_step or 0,
+        "steps": self._last_step,
+        "from_step": self._first_step,
         "final_loss": losses[-1] if losses else None,
         "mean_loss_last_10pct": float(np.mean(tail)) if losses else None,
         "wall_time_s": wall_time,
@@ -163,11 +169,54 @@ class PhaseMonitor:
         "plot": plot_path,
     }
 
+  def sync(self) -> None:
+    """Fetches the buffered metrics and appends their losses to the history file.
+
+    The train loop calls it before saving a checkpoint, so the history holds every step
+    the checkpoint does.
+    """
+    new = self._pending[self._fetched:]
+    if not new:
+      return
+    values = jax.device_get([metrics for _, metrics in new])
+    self._pending[self._fetched:] = [(step, v) for (step, _), v in zip(new, values)]
+    self._fetched = len(self._pending)
+    losses = [(step, float(v["loss"])) for (step, _), v in zip(new, values) if "loss" in v]
+    self.loss_history.extend(losses)
+    if self.is_writer and losses:
+      os.makedirs(os.path.dirname(self._history_path), exist_ok=True)
+      with open(self._history_path, "a", encoding="utf-8") as f:
+        f.writelines(_history_line(step, loss) for step, loss in losses)
+
+  def _restore_history(self, start_step: int) -> list:
+    """The history file's losses up to start_step, rewritten without the later lines.
+
+    Lines after start_step were written by a run that stopped before its next checkpoint
+    (the resumed run redoes those steps); a line cut off by a crash is dropped too.
+    """
+    kept = []
+    if start_step and os.path.exists(self._history_path):
+      with open(self._history_path, encoding="utf-8") as f:
+        for line in f:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:
+            continue
+          if record["step"] <= start_step:
+            loss = record["loss"]
+            kept.append((record["step"], math.nan if loss is None else loss))
+    if kept or os.path.exists(self._history_path):
+      os.makedirs(os.path.dirname(self._history_path), exist_ok=True)
+      files.write_atomic(self._history_path,
+                         "".join(_history_line(*entry) for entry in kept).encode("utf-8"))
+    return kept
+
   def _flush(self) -> None:
     """Fetches the buffered metrics in one transfer, logs the interval, writes scalars."""
+    self.sync()
     steps = [step for step, _ in self._pending]
-    values = jax.device_get([metrics for _, metrics in self._pending])
-    self._pending = []
+    values = [metrics for _, metrics in self._pending]
+    self._pending, self._fetched = [], 0
     now = time.perf_counter()
     first_interval = self._first_log is None
     steps_per_s = (steps[-1] - self._interval_start_step) / max(now - self._last_log_time, 1e-9)
@@ -175,13 +224,10 @@ class PhaseMonitor:
     if first_interval:
       self._first_log = (self._steps_recorded, now)
 
-    for step, metrics in zip(steps, values):
-      if "loss" in metrics:
-        self.loss_history.append((step, float(metrics["loss"])))
-      if self._writer is not None:
+    if self._writer is not None:
+      for step, metrics in zip(steps, values):
         for name, value in metrics.items():
           self._writer.add_scalar(f"{self.phase_id}/{name}", float(value), step)
-    if self._writer is not None:
       self._writer.flush()
 
     names = sorted(set().union(*values),
@@ -216,12 +262,17 @@ class PhaseMonitor:
                       label=f"codebook {s}: used {used[s]:.0%}, ppl {perplexity[s]:.0f}")
       usage_ax.axhline(1 / freqs.shape[1], color="gray", linestyle=":", label="uniform")
       usage_ax.set_yscale("log")
-      usage_ax.set(title="code frequency, sorted (counts summed over the phase)",
+      usage_ax.set(title=("code frequency, sorted (counts summed over steps "
+                          f"{self._first_step + 1}-{self._last_step})"),
                    xlabel="code rank", ylabel="fraction of assignments")
       usage_ax.legend(fontsize="small")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def _history_line(step: int, loss: float) -> str:
+  return json.dumps({"step": step, "loss": loss if math.isfinite(loss) else None}) + "\n"
 
 
 def _interval_value(name: str, values: list[dict]) -> float:
