@@ -52,6 +52,13 @@ run() {
   esac
 }
 
+# Fail in seconds, not after the first sweeps, when a dependency is missing.
+"$PYTHON" -c "import bridle_jax.benchmark, bridle_jax.precision_check, bridle_jax.data.demo" || {
+  echo "bridle_jax does not import with $PYTHON: install its requirements" \
+    "(pip install -e . or the packages named above)" >&2
+  exit 2
+}
+
 failed=()
 for name in "${RUNS[@]}"; do
   echo "=== $name"

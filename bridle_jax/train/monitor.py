@@ -78,7 +78,9 @@ class PhaseMonitor:
     self.log_every = log_every
     self.usage_every = usage_every
     self.is_writer = is_writer
-    self._writer = (SummaryWriter(os.path.join(workdir, "tensorboard", phase_id))
+    # A resumed run hides the events the stopped run wrote after the checkpoint.
+    self._writer = (SummaryWriter(os.path.join(workdir, "tensorboard", phase_id),
+                                  purge_step=start_step + 1 if start_step else None)
                     if is_writer else None)
     self._start_time = time.perf_counter()
     self._pending = []  # (step, {name: device or host value}) not yet logged.

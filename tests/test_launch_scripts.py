@@ -1,0 +1,38 @@
+"""The launch/ scripts parse, and the GPU benchmark script checks its imports first."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*")))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_script_parses(script):
+  result = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+
+
+def _benchmark_gpu(python, *runs):
+  env = dict(os.environ, PYTHON=python, JAX_PLATFORMS="cpu")
+  return subprocess.run(["bash", "launch/benchmark_gpu.sh", *runs], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_benchmark_gpu_reports_an_unknown_run_after_its_import_check():
+  result = _benchmark_gpu(sys.executable, "encoderr")
+  assert result.returncode == 1
+  assert "unknown run 'encoderr'" in result.stderr and "failed: encoderr" in result.stderr
+
+
+def test_benchmark_gpu_stops_at_once_when_the_package_does_not_import(tmp_path):
+  python = tmp_path / "python"
+  python.write_text("#!/bin/sh\nexec %s -c 'import no_such_module_here'\n" % sys.executable)
+  python.chmod(0o755)
+  result = _benchmark_gpu(str(python), "encoder")
+  assert result.returncode == 2
+  assert "No module named 'no_such_module_here'" in result.stderr
+  assert "bridle_jax does not import" in result.stderr and "=== encoder" not in result.stdout
