@@ -11,8 +11,9 @@ The step benchmark compiles the phase's real jitted step (parameter shardings fr
 config's mesh and rules, donated state) and feeds it one random waveform batch, so no
 data is read. Step time is the median over `--repeats` timed loops of `--steps` steps,
 each loop ended by one block_until_ready. FLOPs come from XLA's cost analysis of the
-compiled step; MFU is against the device's dense bf16 peak. `--input` instead times the
-grain pipeline of `config.data` on the host (the demo corpus is written to `--workdir`).
+step as lowered, before backend optimisation; MFU is against the device's dense bf16
+peak. `--input` instead times the grain pipeline of `config.data` on the host (the demo
+corpus is written to `--workdir`).
 Several `--batch` sizes are measured one after the other; one that runs out of device
 memory is reported as such, and the fastest is named at the end.
 """
@@ -79,9 +80,13 @@ def peak_tflops(device) -> float | None:
   return next((peak for name, peak in PEAK_TFLOPS if name.lower() in kind), None)
 
 
-def cost_flops(compiled) -> float:
-  """FLOPs of one call of a compiled program (cost_analysis is a list in older jax)."""
-  cost = compiled.cost_analysis()
+def cost_flops(lowered) -> float:
+  """FLOPs of one call of a lowered program (cost_analysis is a list in older jax).
+
+  Counted on the program before the backend optimises it: on a GPU the optimised program
+  hands its matmuls to cuBLAS custom calls, which XLA's cost analysis counts as nothing.
+  """
+  cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return float((cost or {}).get("flops", 0.0))
@@ -142,8 +147,8 @@ def reuses_codes(config, kind: str) -> bool:
   return kind == "encoder" and config.encoder_phase.get("reuse_codes", False)
 
 
-def compile_phase(config, kind: str, batch: int):
-  """(models, state, device batch, compiled steps) of a phase, as the driver builds them.
+def lower_phase(config, kind: str, batch: int):
+  """(models, state, device batch, lowered steps) of a phase, as the driver builds them.
 
   The encoder phase is the steady-state one (trained tokenizer, not the cold start); a
   joint phase has two steps, with and without the tokenizer term.
@@ -172,28 +177,30 @@ def compile_phase(config, kind: str, batch: int):
     device_batch["codes"] = pipeline.to_device_batch(codes.astype(np.int32), batch_sharding)
   replicated = sharding.replicated(mesh)
 
-  def compile_step(**kwargs):
+  def lower_step(**kwargs):
     fn = steps.phase_step(models, kind, phase_config, tx, schedule, **kwargs)
     jitted = jax.jit(fn, in_shardings=(shardings, {k: batch_sharding for k in device_batch}),
                      out_shardings=(shardings, replicated, replicated), donate_argnums=0)
-    return jitted.lower(state, device_batch).compile()
+    return jitted.lower(state, device_batch)
 
-  compiled = [compile_step()]
+  lowered = [lower_step()]
   if kind == "joint":
-    compiled.append(compile_step(with_tokenizer=False))
-  return models, state, device_batch, compiled
+    lowered.append(lower_step(with_tokenizer=False))
+  return models, state, device_batch, lowered
 
 
 def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: int,
                        repeats: int) -> dict:
   """Times the phase's compiled step on random input; returns the report."""
-  models, state, device_batch, compiled = compile_phase(config, kind, batch)
+  models, state, device_batch, lowered = lower_phase(config, kind, batch)
+  compiled = [program.compile() for program in lowered]
   every = config[f"{kind}_phase"].get("tokenizer_every", 1) if kind == "joint" else 1
 
-  def schedule_of(compiled):
-    return [compiled[0] if i % every == 0 else compiled[-1] for i in range(every)]
+  def schedule_of(programs):
+    return [programs[0] if i % every == 0 else programs[-1] for i in range(every)]
 
   schedule = schedule_of(compiled)
+  counted = schedule_of(lowered)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
   step = 0
 
@@ -212,15 +219,15 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
     times.append((time.perf_counter() - start) / num_steps)
   step_time = statistics.median(times)
   peak_memory = peak_memory_bytes()  # before the FLOP count below can allocate more
-  state = device_batch = None  # frees the device for that count's compile
-  # An SPMD program's cost analysis counts one device's share, replicated work included.
-  # It counts the body of a grad_accum loop once, so the FLOPs come from the same step
-  # compiled without accumulation (the same work per step; compiled only, never run).
+  state = device_batch = None  # frees the device for the state built below
+  # The lowered program is the whole (unpartitioned) step, so this is the global count.
+  # Cost analysis counts the body of a grad_accum loop once, so the FLOPs come from the
+  # same step lowered without accumulation (the same work per step; never run).
   if config[f"{kind}_phase"].grad_accum > 1:
     config = copy.deepcopy(config)
     config[f"{kind}_phase"].grad_accum = 1
-    schedule = schedule_of(compile_phase(config, kind, batch)[3])
-  flops = jax.device_count() * sum(cost_flops(c) for c in schedule) / every
+    counted = schedule_of(lower_phase(config, kind, batch)[3])
+  flops = sum(cost_flops(program) for program in counted) / every
   device = jax.devices()[0]
   peak = peak_tflops(device)
   tflops = flops / step_time / 1e12

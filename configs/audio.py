@@ -156,7 +156,7 @@ def _shrink_for_demo(c: ml_collections.ConfigDict) -> None:
     phase.epochs = 2
     phase.warmup_epochs = 0
     phase.lr = 1e-3
-  # 50-step tokenizer phases collapse to a third of the codes without periodic restarts.
+  # 50-step tokenizer phases end with about half the codes in use without periodic restarts.
   c.tokenizer_phase.restart_unused_every = 5
   c.joint_phase.restart_unused_every = 5
   c.checkpoint_every = 20

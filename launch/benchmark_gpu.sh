@@ -5,9 +5,12 @@
 #   launch/benchmark_gpu.sh encoder tokenizer    # only the runs named
 #
 # Runs: encoder, encoder_reuse (stored tokenizer codes), encoder_cudnn_window (cuDNN for
-# the Swin decoder's windows), tokenizer, joint (each a sweep over batch 64, 128, 256 in
-# the config's dtype, bf16), input (the host pipeline on 10 s clips written to
-# $SCRATCH/clips10) and precision (bf16 against float32 on the demo, in $SCRATCH).
+# the Swin decoder's windows), tokenizer, joint (each a sweep over batch 128 and 256 in
+# the config's dtype, bf16), profile (a trace of 3 encoder and 3 tokenizer steps at
+# batch 128 and the device time per op, in $SCRATCH/profile/<phase>), input (the host
+# pipeline on 10 s clips written to $SCRATCH/clips10) and precision (bf16 against float32
+# on the demo, in $SCRATCH). Each batch size of a ViT-B phase spends about two minutes
+# compiling on an H100-class GPU: name a few runs per call where a call's time is short.
 # Compiled programs are cached in $SCRATCH/jax_cache, so a rerun starts faster. A run
 # that fails is reported and the others still run; the exit status says whether any
 # failed. Set BENCHMARKS_FILE to write elsewhere than ./BENCHMARKS.md, and CONFIG to time
@@ -21,7 +24,7 @@ BENCHMARKS_FILE="${BENCHMARKS_FILE:-BENCHMARKS.md}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$SCRATCH/jax_cache}"
 RUNS=("$@")
 if [[ ${#RUNS[@]} -eq 0 ]]; then
-  RUNS=(encoder encoder_reuse encoder_cudnn_window tokenizer joint input precision)
+  RUNS=(encoder encoder_reuse encoder_cudnn_window tokenizer joint profile input precision)
 fi
 
 bench() {
@@ -31,13 +34,18 @@ bench() {
 
 run() {
   case "$1" in
-    encoder) bench --phase=encoder --batch=64,128,256 ;;
+    encoder) bench --phase=encoder --batch=128,256 ;;
     encoder_reuse) bench --phase=encoder --batch=128,256 \
         --config.encoder_phase.reuse_codes=True --config.data.roll_mag_aug=False ;;
     encoder_cudnn_window) bench --phase=encoder --batch=128,256 \
         --config.model.decoder.attention_impl=cudnn ;;
-    tokenizer) bench --phase=tokenizer --batch=64,128,256 ;;
-    joint) bench --phase=joint --batch=64,128,256 ;;
+    tokenizer) bench --phase=tokenizer --batch=128,256 ;;
+    joint) bench --phase=joint --batch=128,256 ;;
+    profile)
+      for phase in encoder tokenizer; do
+        "$PYTHON" -m bridle_jax.profile_step --config="$CONFIG" --phase="$phase" --batch=128 \
+          --out_dir="$SCRATCH/profile/$phase" || return 1
+      done ;;
     input)
       "$PYTHON" -m bridle_jax.data.demo --out_dir="$SCRATCH/clips10" --clips_per_class=20 \
           --clip_seconds=10 &&
@@ -53,7 +61,8 @@ run() {
 }
 
 # Fail in seconds, not after the first sweeps, when a dependency is missing.
-"$PYTHON" -c "import bridle_jax.benchmark, bridle_jax.precision_check, bridle_jax.data.demo" || {
+modules="bridle_jax.benchmark, bridle_jax.profile_step, bridle_jax.precision_check"
+"$PYTHON" -c "import $modules, bridle_jax.data.demo" || {
   echo "bridle_jax does not import with $PYTHON: install its requirements" \
     "(pip install -e . or the packages named above)" >&2
   exit 2

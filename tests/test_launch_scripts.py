@@ -1,5 +1,6 @@
 """The launch/ scripts parse, and the GPU benchmark script checks its imports first."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -16,10 +17,10 @@ def test_script_parses(script):
   assert result.returncode == 0, result.stderr
 
 
-def _benchmark_gpu(python, *runs):
-  env = dict(os.environ, PYTHON=python, JAX_PLATFORMS="cpu")
+def _benchmark_gpu(python, *runs, **env):
+  env = dict(os.environ, PYTHON=python, JAX_PLATFORMS="cpu", **env)
   return subprocess.run(["bash", "launch/benchmark_gpu.sh", *runs], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=120)
+                        capture_output=True, text=True, timeout=300)
 
 
 def test_benchmark_gpu_reports_an_unknown_run_after_its_import_check():
@@ -36,3 +37,13 @@ def test_benchmark_gpu_stops_at_once_when_the_package_does_not_import(tmp_path):
   assert result.returncode == 2
   assert "No module named 'no_such_module_here'" in result.stderr
   assert "bridle_jax does not import" in result.stderr and "=== encoder" not in result.stdout
+
+
+def test_benchmark_gpu_profiles_both_phases(tmp_path):
+  result = _benchmark_gpu(sys.executable, "profile", CONFIG="configs/audio.py:demo",
+                          SCRATCH=str(tmp_path))
+  assert result.returncode == 0, result.stderr[-2000:]
+  for phase in ("encoder", "tokenizer"):
+    summary = json.loads((tmp_path / "profile" / phase / "profile_summary.json").read_text())
+    assert (summary["phase"], summary["batch"]) == (phase, 128)
+  assert result.stdout.count("wall time per step") == 2

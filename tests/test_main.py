@@ -78,6 +78,7 @@ def test_data_mode_on_demo_corpus_over_eight_devices(tmp_path):
   assert report["clips"] == 400 and report["classes"] == 10
   assert report["min_clips_per_class"] == report["max_clips_per_class"] == 40
   assert report["devices"] == 8
+  assert report["mesh"] == {"data": 8, "fsdp": 1, "model": 1}
   assert report["waveform_batch"] == [16, 20720]
   assert report["feature_batch"] == [16, 128, 128]
   assert report["skipped_clips"] == 0
@@ -111,6 +112,7 @@ def test_data_mode_reports_skipped_clips(tmp_path):
 @pytest.mark.parametrize("override,expected", [
     ("--config.data.target_length=1000", "error: data.target_length: 1000 frames"),
     ("--config.data.manifest=/nonexistent/train.json", "error: data.manifest: file not found"),
+    ("--config.mesh.data=2", "error: mesh: data x fsdp x model = 2x1x1 does not match"),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, override, expected):
   result = _run("--config=configs/audio.py:demo", f"--workdir={tmp_path}", "--mode=data", override)

@@ -14,6 +14,7 @@ from absl import logging
 from bridle_jax.data import audio
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
+from bridle_jax.train import sharding as train_sharding
 
 
 def _device_features(data_config):
@@ -32,11 +33,12 @@ def run_data_report(config, num_batches: int) -> dict:
   field = ("finetune" if config.get("finetune") is not None
            else f"{config.rounds[0]}_phase") + ".batch_size"
   batch_size = config[field.split(".")[0]].batch_size
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  if batch_size % len(jax.devices()):
-    raise ValueError(f"{field}={batch_size} is not divisible by the {len(jax.devices())} "
-                     "devices")
+  mesh = train_sharding.make_mesh(config.mesh)  # the job's mesh: a bad one fails here
+  sharding = train_sharding.batch_sharding(mesh)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % shards:
+    raise ValueError(f"{field}={batch_size} is not divisible by the {shards} data-parallel "
+                     "devices (mesh.data x mesh.fsdp)")
   ds = pipeline.build_dataset(source, data, global_batch_size=batch_size, seed=config.seed)
   features_fn = _device_features(data)
 
@@ -72,6 +74,7 @@ def run_data_report(config, num_batches: int) -> dict:
       "feature_std": float(features.std()),
       "batch_sharding": str(sharding.spec),
       "devices": len(jax.devices()),
+      "mesh": dict(mesh.shape),
       "batches_read": num_batches,
       "classes_seen": int((label_sum > 0).sum()),
       "skipped_clips": skipped,

@@ -1,0 +1,161 @@
+"""Where a phase's step time goes on the device: a trace and a summary of it.
+
+  python -m bridle_jax.profile_step --config=configs/audio.py --phase=encoder --batch=128 \
+      --out_dir=/tmp/profile [--steps=3] [--warmup=2] [--top=25]
+
+Builds and compiles the phase's step as the benchmark does (random input, donated state),
+runs `--warmup` steps, then traces `--steps` steps with jax.profiler. out_dir receives the
+trace (XProf/TensorBoard format, `plugins/profile/<run>/*.xplane.pb`; open it in XProf or
+read it with `jax.profiler.ProfileData`) and `profile_summary.json`: the wall time of a
+traced step, the device time per step by kind of op (matmul, attention, fusion,
+copy, collective, other) and the ops that take the most. The summary is also printed.
+
+Device time is the sum of the kernels' durations on the device planes, keyed by the HLO op
+that launched them where the trace names it. Kernels on different streams may overlap,
+so the sum can exceed the wall time; well below it, the device waits. A CPU backend
+records no device plane: there the trace is written and the summary holds the wall time
+only.
+"""
+import collections
+import glob
+import json
+import os
+import time
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from bridle_jax import benchmark
+from bridle_jax import files
+
+# Kinds of op, matched in order against the lower-cased op and kernel names.
+KINDS = (("attention", ("fmha", "sdpa", "flash", "cudnn")),
+         ("matmul", ("gemm", "cublas", "matmul", "dot", "nvjet", "xmma", "cutlass", "wgmma")),
+         ("collective", ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                         "collective-permute", "nccl")),
+         ("copy", ("copy", "transpose", "memcpy", "memset", "dynamic-update-slice")),
+         ("fusion", ("fusion",)))
+# Per-op keys of a kernel event, in order of preference.
+OP_STATS = ("hlo_op", "kernel_annotation")
+# Lines of a device plane that repeat its kernels at a coarser grain.
+DERIVED_LINES = ("XLA Modules", "XLA Ops", "Steps", "Framework Ops", "Framework Name Scope",
+                 "Source code", "XLA TraceMe")
+
+
+def kind_of(*names: str) -> str:
+  text = " ".join(names).lower()
+  return next((kind for kind, marks in KINDS if any(m in text for m in marks)), "other")
+
+
+def device_events(profile) -> list[tuple[str, str, float]]:
+  """(op, kernel, duration ns) of every kernel on the trace's device planes."""
+  events = []
+  for plane in profile.planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    for line in plane.lines:
+      if line.name in DERIVED_LINES:
+        continue
+      for event in line.events:
+        stats = dict(event.stats)
+        op = next((str(stats[s]) for s in OP_STATS if stats.get(s)), event.name)
+        events.append((op, event.name, event.duration_ns))
+  return events
+
+
+def summarize(profile, steps: int, step_seconds: float, top: int) -> dict:
+  """Device time per step by kind and for the `top` costliest ops, in milliseconds."""
+  by_op = collections.defaultdict(float)
+  kernels = {}
+  for op, kernel, duration in device_events(profile):
+    by_op[op] += duration
+    kernels.setdefault(op, kernel)
+  by_kind = collections.defaultdict(float)
+  for op, duration in by_op.items():
+    by_kind[kind_of(op, kernels[op])] += duration
+  total = sum(by_op.values())
+  if not by_op:
+    logging.warning("the trace has no device plane (a CPU backend): only wall time summarised")
+  per_step_ms = lambda ns: ns / steps / 1e6
+  ranked = sorted(by_op.items(), key=lambda item: -item[1])[:top]
+  return {
+      "steps": steps,
+      "wall_ms_per_step": 1e3 * step_seconds,
+      "device_ms_per_step": per_step_ms(total),
+      "by_kind_ms_per_step": {k: per_step_ms(v) for k, v in
+                              sorted(by_kind.items(), key=lambda item: -item[1])},
+      "top_ops": [{"op": op, "kernel": kernels[op], "kind": kind_of(op, kernels[op]),
+                   "ms_per_step": per_step_ms(ns), "share": ns / total if total else 0.0}
+                  for op, ns in ranked],
+  }
+
+
+def format_summary(summary: dict) -> str:
+  lines = [f"wall time per step    {summary['wall_ms_per_step']:.2f} ms",
+           f"device time per step  {summary['device_ms_per_step']:.2f} ms (kernels summed)"]
+  lines += [f"  {kind:<12} {ms:9.2f} ms" for kind, ms in summary["by_kind_ms_per_step"].items()]
+  lines.append("top ops (ms per step, share of device time, kind, op, kernel):")
+  lines += [f"  {o['ms_per_step']:8.3f}  {100 * o['share']:5.1f}%  {o['kind']:<10} "
+            f"{o['op'][:60]}  {o['kernel'][:60]}" for o in summary["top_ops"]]
+  return "\n".join(lines)
+
+
+def profile_phase(config, kind: str, batch: int, out_dir: str, steps: int, warmup: int,
+                  top: int) -> dict:
+  """Traces `steps` steps of the phase into out_dir; returns (and writes) the summary."""
+  _, state, device_batch, lowered = benchmark.lower_phase(config, kind, batch)
+  compiled = [program.compile() for program in lowered]
+  every = config[f"{kind}_phase"].get("tokenizer_every", 1) if kind == "joint" else 1
+
+  def run(first, n):
+    nonlocal state
+    for i in range(first, first + n):
+      state, _, _ = compiled[0 if i % every == 0 else -1](state, device_batch)
+    jax.block_until_ready(state)
+
+  run(0, warmup)
+  before = set(glob.glob(os.path.join(out_dir, "**", "*.xplane.pb"), recursive=True))
+  with jax.profiler.trace(out_dir):
+    start = time.perf_counter()
+    run(warmup, steps)
+    step_seconds = (time.perf_counter() - start) / steps
+  traces = set(glob.glob(os.path.join(out_dir, "**", "*.xplane.pb"), recursive=True)) - before
+  if not traces:
+    raise RuntimeError(f"jax.profiler wrote no trace under {out_dir}")
+  profile = jax.profiler.ProfileData.from_file(max(traces, key=os.path.getmtime))
+  summary = summarize(profile, steps, step_seconds, top)
+  summary.update(phase=kind, batch=batch, device=jax.devices()[0].device_kind,
+                 dtype=config.model.dtype)
+  files.write_atomic(os.path.join(out_dir, "profile_summary.json"),
+                     json.dumps(summary, indent=1).encode())
+  return summary
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/audio.py:demo.")
+  flags.DEFINE_enum("phase", "encoder", ["encoder", "tokenizer", "joint"], "Phase to trace.")
+  flags.DEFINE_integer("batch", 64, "Global batch size.")
+  flags.DEFINE_integer("steps", 3, "Traced steps.")
+  flags.DEFINE_integer("warmup", 2, "Untraced steps first.")
+  flags.DEFINE_integer("top", 25, "Ops listed.")
+  flags.DEFINE_string("out_dir", None, "Directory for the trace and profile_summary.json.")
+
+
+def main(argv):
+  del argv
+  if flags.FLAGS.steps < 1:
+    raise app.UsageError("--steps must be at least 1")
+  os.makedirs(flags.FLAGS.out_dir, exist_ok=True)
+  summary = profile_phase(flags.FLAGS.config, flags.FLAGS.phase, flags.FLAGS.batch,
+                          flags.FLAGS.out_dir, flags.FLAGS.steps, flags.FLAGS.warmup,
+                          flags.FLAGS.top)
+  print(format_summary(summary))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flags_as_required(["config", "out_dir"])
+  app.run(main)

@@ -1,0 +1,82 @@
+"""The step profiler: the summary of a GPU-shaped trace, and a traced run on the CPU."""
+import glob
+import json
+
+import jax
+import pytest
+
+from bridle_jax import profile_step
+from configs import audio as audio_config
+
+# Two traced steps on one GPU: a gemm and a fused attention on the compute stream, a
+# fusion and a copy on a second stream, and the "XLA Ops" line that repeats them coarser.
+_GPU_TRACE = """
+planes {
+  id: 1
+  name: "/device:GPU:0"
+  lines {
+    id: 1
+    name: "Stream #13(Compute)"
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 6000000000 stats { metadata_id: 1 str_value: "cublas-gemm.3" } }
+    events { metadata_id: 2 offset_ps: 7000000000 duration_ps: 2000000000 stats { metadata_id: 1 str_value: "custom-call.7" } }
+    events { metadata_id: 1 offset_ps: 10000000000 duration_ps: 6000000000 stats { metadata_id: 1 str_value: "cublas-gemm.3" } }
+    events { metadata_id: 2 offset_ps: 17000000000 duration_ps: 2000000000 stats { metadata_id: 1 str_value: "custom-call.7" } }
+  }
+  lines {
+    id: 2
+    name: "Stream #14(Compute)"
+    events { metadata_id: 3 offset_ps: 0 duration_ps: 1000000000 stats { metadata_id: 1 str_value: "loop_add_fusion.2" } }
+    events { metadata_id: 4 offset_ps: 1000000000 duration_ps: 1000000000 }
+  }
+  lines {
+    id: 3
+    name: "XLA Ops"
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 90000000000 }
+  }
+  event_metadata { key: 1 value { id: 1 name: "sm90_xmma_gemm_bf16bf16_bf16f32" } }
+  event_metadata { key: 2 value { id: 2 name: "cudnn_generated_fort_native_sdpa_sm90" } }
+  event_metadata { key: 3 value { id: 3 name: "loop_add_fusion" } }
+  event_metadata { key: 4 value { id: 4 name: "copy_transpose_kernel" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+"""
+
+
+def test_summary_splits_device_time_by_op_and_kind():
+  profile = jax.profiler.ProfileData.from_text_proto(_GPU_TRACE)
+  summary = profile_step.summarize(profile, steps=2, step_seconds=0.02, top=3)
+  assert summary["wall_ms_per_step"] == pytest.approx(20.0)
+  assert summary["device_ms_per_step"] == pytest.approx(9.0)  # 18 ms of kernels, 2 steps
+  assert summary["by_kind_ms_per_step"] == pytest.approx(
+      {"matmul": 6.0, "attention": 2.0, "fusion": 0.5, "copy": 0.5})
+  assert list(summary["by_kind_ms_per_step"]) == ["matmul", "attention", "fusion", "copy"]
+  ops = summary["top_ops"]
+  assert [o["op"] for o in ops] == ["cublas-gemm.3", "custom-call.7", "loop_add_fusion.2"]
+  assert ops[1]["kernel"] == "cudnn_generated_fort_native_sdpa_sm90"
+  assert ops[0]["share"] == pytest.approx(12 / 18)
+  text = profile_step.format_summary(summary)
+  assert "cublas-gemm.3" in text and "matmul" in text
+
+
+@pytest.mark.parametrize("names,kind", [
+    (("fusion.12", "triton_gemm_dot_3"), "matmul"),
+    (("custom-call.4", "cudnn_generated_fort_native_sdpa"), "attention"),
+    (("all-reduce.1", "ncclDevKernel_AllReduce"), "collective"),
+    (("transpose.9", "transpose_kernel"), "copy"),
+    (("input_reduce_fusion.1", "input_reduce_fusion"), "fusion"),
+    (("rng-bit-generator", "philox"), "other"),
+])
+def test_kind_of(names, kind):
+  assert profile_step.kind_of(*names) == kind
+
+
+def test_traced_run_writes_the_trace_and_summary(tmp_path):
+  config = audio_config.get_config("demo")
+  config.model.depth = config.model.decoder.depth = 1
+  summary = profile_step.profile_phase(config, "encoder", 16, str(tmp_path), steps=2,
+                                       warmup=1, top=5)
+  assert glob.glob(str(tmp_path / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  written = json.loads((tmp_path / "profile_summary.json").read_text())
+  assert written["wall_ms_per_step"] == summary["wall_ms_per_step"] > 0
+  assert (written["phase"], written["batch"], written["steps"]) == ("encoder", 16, 2)
+  assert written["top_ops"] == []  # the CPU backend traces no device plane
