@@ -11,7 +11,7 @@ traced step, the device time per step by kind of op (matmul, attention, fusion,
 copy, collective, other) and the ops that take the most. The summary is also printed.
 
 Device time is the sum of the kernels' durations on the device planes, keyed by the HLO op
-that launched them where the trace names it. Kernels on different streams may overlap,
+that launched them where the trace names it (`op_name`). Kernels on different streams may overlap,
 so the sum can exceed the wall time; well below it, the device waits. A CPU backend
 records no device plane: there the trace is written and the summary holds the wall time
 only.
@@ -20,6 +20,7 @@ import collections
 import glob
 import json
 import os
+import re
 import time
 
 import jax
@@ -38,8 +39,6 @@ KINDS = (("attention", ("fmha", "sdpa", "flash", "cudnn")),
                          "collective-permute", "nccl")),
          ("copy", ("copy", "transpose", "memcpy", "memset", "dynamic-update-slice")),
          ("fusion", ("fusion",)))
-# Per-op keys of a kernel event, in order of preference.
-OP_STATS = ("hlo_op", "kernel_annotation")
 # Lines of a device plane that repeat its kernels at a coarser grain.
 DERIVED_LINES = ("XLA Modules", "XLA Ops", "Steps", "Framework Ops", "Framework Name Scope",
                  "Source code", "XLA TraceMe")
@@ -48,6 +47,18 @@ DERIVED_LINES = ("XLA Modules", "XLA Ops", "Steps", "Framework Ops", "Framework 
 def kind_of(*names: str) -> str:
   text = " ".join(names).lower()
   return next((kind for kind, marks in KINDS if any(m in text for m in marks)), "other")
+
+
+def op_name(stats: dict, kernel: str) -> str:
+  """The HLO op behind a kernel event: its `hlo_op` stat, else the one named in its
+  `annotation` (XLA's scoped annotation, nested scopes joined by "::"), else the kernel."""
+  if stats.get("hlo_op"):
+    return str(stats["hlo_op"])
+  annotation = str(stats.get("annotation", ""))
+  named = re.findall(r"hlo_op=([^,#]+)", annotation)
+  if named:
+    return named[-1]
+  return annotation.split("::")[-1].split("#")[0].strip() or kernel
 
 
 def device_events(profile) -> list[tuple[str, str, float]]:
@@ -60,9 +71,8 @@ def device_events(profile) -> list[tuple[str, str, float]]:
       if line.name in DERIVED_LINES:
         continue
       for event in line.events:
-        stats = dict(event.stats)
-        op = next((str(stats[s]) for s in OP_STATS if stats.get(s)), event.name)
-        events.append((op, event.name, event.duration_ns))
+        events.append((op_name(dict(event.stats), event.name), event.name,
+                       event.duration_ns))
   return events
 
 

@@ -8,8 +8,9 @@ import pytest
 from bridle_jax import profile_step
 from configs import audio as audio_config
 
-# Two traced steps on one GPU: a gemm and a fused attention on the compute stream, a
-# fusion and a copy on a second stream, and the "XLA Ops" line that repeats them coarser.
+# Two traced steps on one GPU: a gemm (named by an hlo_op stat) and a fused attention
+# (named by its annotation) on the compute stream, a fusion and a copy on a second
+# stream, and the "XLA Ops" line that repeats them coarser.
 _GPU_TRACE = """
 planes {
   id: 1
@@ -18,9 +19,9 @@ planes {
     id: 1
     name: "Stream #13(Compute)"
     events { metadata_id: 1 offset_ps: 0 duration_ps: 6000000000 stats { metadata_id: 1 str_value: "cublas-gemm.3" } }
-    events { metadata_id: 2 offset_ps: 7000000000 duration_ps: 2000000000 stats { metadata_id: 1 str_value: "custom-call.7" } }
+    events { metadata_id: 2 offset_ps: 7000000000 duration_ps: 2000000000 stats { metadata_id: 2 str_value: "jit_step::custom-call.7" } }
     events { metadata_id: 1 offset_ps: 10000000000 duration_ps: 6000000000 stats { metadata_id: 1 str_value: "cublas-gemm.3" } }
-    events { metadata_id: 2 offset_ps: 17000000000 duration_ps: 2000000000 stats { metadata_id: 1 str_value: "custom-call.7" } }
+    events { metadata_id: 2 offset_ps: 17000000000 duration_ps: 2000000000 stats { metadata_id: 2 str_value: "jit_step::custom-call.7" } }
   }
   lines {
     id: 2
@@ -38,6 +39,7 @@ planes {
   event_metadata { key: 3 value { id: 3 name: "loop_add_fusion" } }
   event_metadata { key: 4 value { id: 4 name: "copy_transpose_kernel" } }
   stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+  stat_metadata { key: 2 value { id: 2 name: "annotation" } }
 }
 """
 
@@ -68,6 +70,16 @@ def test_summary_splits_device_time_by_op_and_kind():
 ])
 def test_kind_of(names, kind):
   assert profile_step.kind_of(*names) == kind
+
+
+@pytest.mark.parametrize("stats,op", [
+    ({"hlo_op": "fusion.4", "annotation": "fusion.9"}, "fusion.4"),
+    ({"annotation": "jit_step::fusion.7:#hlo_op=fusion.7,hlo_module=jit_step#"}, "fusion.7"),
+    ({"annotation": "jit_step::custom-call.2"}, "custom-call.2"),
+    ({"correlation_id": 12}, "loop_add_fusion"),
+])
+def test_op_name_prefers_the_hlo_op_then_the_annotation(stats, op):
+  assert profile_step.op_name(stats, "loop_add_fusion") == op
 
 
 def test_traced_run_writes_the_trace_and_summary(tmp_path):
