@@ -38,6 +38,7 @@ from bridle_jax import prepare
 from bridle_jax.data import audio
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
+from bridle_jax.train import device_memory
 from bridle_jax.train import optim
 from bridle_jax.train import sharding
 from bridle_jax.train import state as state_lib
@@ -252,7 +253,7 @@ def sweep_batches(run_one, batches) -> dict:
     try:
       reports[batch] = run_one(batch)
     except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
+      if not device_memory.is_out_of_memory(e):
         raise
       reports[batch] = None
   return reports

@@ -26,6 +26,7 @@ from bridle_jax.data import sources
 from bridle_jax.evaluate import verdict
 from bridle_jax.train import checkpoint
 from bridle_jax.train import code_cache
+from bridle_jax.train import device_memory
 from bridle_jax.train import monitor
 from bridle_jax.train import optim
 from bridle_jax.train import preemption
@@ -100,7 +101,11 @@ class Trainer:
         continue
       if handoff is None and not workdir_lib.has_phase_checkpoint(self.workdir, phase.id):
         handoff = self._starting_point(phase)  # a resumed phase restores its own state
-      summaries[phase.id], handoff = self.run_phase(phase, handoff)
+      phase_config = self.config[f"{phase.kind}_phase"]
+      with device_memory.fields_on_out_of_memory(
+          f"{phase.kind}_phase", phase_config.batch_size,
+          self.mesh.shape["data"] * self.mesh.shape["fsdp"], phase_config.grad_accum):
+        summaries[phase.id], handoff = self.run_phase(phase, handoff)
       completed.append(phase.id)
       checkpoint.write_progress(self.workdir, progress)
     summary = {"workdir": self.workdir, "phases": summaries}
@@ -132,31 +137,32 @@ class Trainer:
         config.usage_every, is_writer=jax.process_index() == 0, start_step=step)
     skipped = 0
     window = StepWindow(STEPS_IN_FLIGHT)
-    while step < run.total:
-      host_batch = run.next_batch()
-      skipped += int(host_batch["skipped"].sum())
-      batch = self.device_batch(host_batch)
-      if run.code_reuse is not None:
-        batch = run.code_reuse.attach(run.state, host_batch, batch)
-      if run.restart_step is not None and step and step % run.restart_every == 0:
-        run.state = run.restart_step(run.state, batch)
-      run.state, metrics, counts = run.step_fn(step)(run.state, batch)
-      window.push(metrics["loss"])
-      step += 1
-      phase_monitor.record(step, metrics)
-      if phase_monitor.should_log_usage(step):
-        phase_monitor.record_codebook_usage(step, counts)
-      due_save = run.checkpointer.should_save(step) or step == run.total
-      if due_save or phase_monitor.should_log(step):
-        self._check_finite(run)
-      if due_save:
-        phase_monitor.sync()
-        run.checkpointer.save(step, run.state, run.iterator.get_state(), force=step == run.total)
-      if self.preemption.requested():
-        phase_monitor.sync()
-        run.checkpointer.save(step, run.state, run.iterator.get_state(), force=True)
-        run.checkpointer.wait()
-        raise preemption.Preempted(preemption.stop_message(phase.id, step, run.total))
+    with run.checkpointer.commits_on_error():
+      while step < run.total:
+        host_batch = run.next_batch()
+        skipped += int(host_batch["skipped"].sum())
+        batch = self.device_batch(host_batch)
+        if run.code_reuse is not None:
+          batch = run.code_reuse.attach(run.state, host_batch, batch)
+        if run.restart_step is not None and step and step % run.restart_every == 0:
+          run.state = run.restart_step(run.state, batch)
+        run.state, metrics, counts = run.step_fn(step)(run.state, batch)
+        window.push(metrics["loss"])
+        step += 1
+        phase_monitor.record(step, metrics)
+        if phase_monitor.should_log_usage(step):
+          phase_monitor.record_codebook_usage(step, counts)
+        due_save = run.checkpointer.should_save(step) or step == run.total
+        if due_save or phase_monitor.should_log(step):
+          self._check_finite(run)
+        if due_save:
+          phase_monitor.sync()
+          run.checkpointer.save(step, run.state, run.iterator.get_state(), force=step == run.total)
+        if self.preemption.requested():
+          phase_monitor.sync()
+          run.checkpointer.save(step, run.state, run.iterator.get_state(), force=True)
+          run.checkpointer.wait()
+          raise preemption.Preempted(preemption.stop_message(phase.id, step, run.total))
     run.checkpointer.wait()
     run.checkpointer.close()
 

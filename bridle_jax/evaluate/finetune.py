@@ -45,6 +45,7 @@ from bridle_jax.evaluate import layer_decay
 from bridle_jax.evaluate import metrics
 from bridle_jax.models import classifier as classifier_lib
 from bridle_jax.train import checkpoint
+from bridle_jax.train import device_memory
 from bridle_jax.train import monitor
 from bridle_jax.train import optim
 from bridle_jax.train import preemption
@@ -374,7 +375,10 @@ class Finetuner:
       if run_id in results:
         logging.info("%s: already done", run_id)
         continue
-      results[run_id] = self.train_and_evaluate(run_id, index, train_source, eval_source)
+      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      with device_memory.fields_on_out_of_memory("finetune", self.config.finetune.batch_size,
+                                                 shards):
+        results[run_id] = self.train_and_evaluate(run_id, index, train_source, eval_source)
       checkpoint.write_progress(self.workdir, progress)
     summary = summarise(self.config, self.mode, results)
     monitor.write_summary(self.workdir, summary)
@@ -419,23 +423,24 @@ class Finetuner:
                                        config.log_every, config.log_every,
                                        is_writer=jax.process_index() == 0, start_step=step)
     skipped = 0
-    while step < total:
-      host_batch = next(iterator)
-      skipped += int(host_batch["skipped"].sum())
-      state, step_metrics = step_fn(state, self.device_batch(
-          {k: host_batch[k] for k in BATCH_KEYS}))
-      step += 1
-      run_monitor.record(step, step_metrics)
-      if ckpt.should_save(step) or step == total:
-        run_monitor.sync()
-        ckpt.save(step, state, iterator.get_state(), force=step == total)
-      if step % eval_every == 0 or step == total:
-        self._evaluate_into(evals, run_id, step, state.params, eval_source)
-      if self.preemption.requested():
-        run_monitor.sync()
-        ckpt.save(step, state, iterator.get_state(), force=True)
-        ckpt.wait()
-        raise preemption.Preempted(preemption.stop_message(run_id, step, total))
+    with ckpt.commits_on_error():
+      while step < total:
+        host_batch = next(iterator)
+        skipped += int(host_batch["skipped"].sum())
+        state, step_metrics = step_fn(state, self.device_batch(
+            {k: host_batch[k] for k in BATCH_KEYS}))
+        step += 1
+        run_monitor.record(step, step_metrics)
+        if ckpt.should_save(step) or step == total:
+          run_monitor.sync()
+          ckpt.save(step, state, iterator.get_state(), force=step == total)
+        if step % eval_every == 0 or step == total:
+          self._evaluate_into(evals, run_id, step, state.params, eval_source)
+        if self.preemption.requested():
+          run_monitor.sync()
+          ckpt.save(step, state, iterator.get_state(), force=True)
+          ckpt.wait()
+          raise preemption.Preempted(preemption.stop_message(run_id, step, total))
     if total not in evals:  # resumed from the last checkpoint before its evaluation
       self._evaluate_into(evals, run_id, total, state.params, eval_source)
     ckpt.wait()

@@ -19,6 +19,7 @@ steps are listed from committed directories only, so a save cut short (crash, SI
 is never reported or restored, and its leftover is removed when a manager next opens
 the directory.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -154,6 +155,20 @@ class PhaseCheckpointer:
   def wait(self):
     """Blocks until in-flight saves are committed."""
     self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def commits_on_error(self):
+    """When the block raises, a save it started still commits before the error goes on.
+
+    Single-process jobs only: in a multi-process job the other processes may never reach
+    the save's barrier, so there the save in flight is dropped (as after a kill).
+    """
+    try:
+      yield
+    except BaseException:
+      if jax.process_count() == 1:
+        self.wait()
+      raise
 
   def close(self):
     """Waits for in-flight saves and releases the manager."""
