@@ -11,10 +11,10 @@ traced step, the device time per step by kind of op (matmul, attention, fusion,
 copy, collective, other) and the ops that take the most. The summary is also printed.
 
 Device time is the sum of the kernels' durations on the device planes, keyed by the HLO op
-that launched them where the trace names it (`op_name`). Kernels on different streams may overlap,
-so the sum can exceed the wall time; well below it, the device waits. A CPU backend
-records no device plane: there the trace is written and the summary holds the wall time
-only.
+that launched them where the trace names it (`op_name`). Kernels on different streams may
+overlap, so the sum can exceed the wall time; well below it, the device waits. A CPU
+backend records no device plane: there the trace is written and the summary holds the
+wall time only.
 """
 import collections
 import glob
