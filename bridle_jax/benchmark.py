@@ -156,9 +156,7 @@ def lower_phase(config, kind: str, batch: int):
   """
   phase_config = config[f"{kind}_phase"]
   mesh = sharding.make_mesh(config.mesh)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch % shards:
-    raise ValueError(f"--batch={batch} is not divisible by the {shards} data-parallel devices")
+  sharding.check_batch_divides("--batch", batch, mesh)
   models = state_lib.build_models(config)
   tx = optim.adamw_direction(phase_config)
   schedule = optim.warmup_cosine(phase_config.lr, phase_config.min_lr, 1, 1_000_000)
@@ -190,18 +188,20 @@ def lower_phase(config, kind: str, batch: int):
   return models, state, device_batch, lowered
 
 
+def step_schedule(config, kind: str, programs: list) -> list:
+  """The programs of one cycle of steps: a joint phase runs `programs[0]` (with the
+  tokenizer term) every `tokenizer_every`-th step and `programs[-1]` otherwise."""
+  every = config[f"{kind}_phase"].get("tokenizer_every", 1) if kind == "joint" else 1
+  return [programs[0] if i % every == 0 else programs[-1] for i in range(every)]
+
+
 def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: int,
                        repeats: int) -> dict:
   """Times the phase's compiled step on random input; returns the report."""
   models, state, device_batch, lowered = lower_phase(config, kind, batch)
-  compiled = [program.compile() for program in lowered]
-  every = config[f"{kind}_phase"].get("tokenizer_every", 1) if kind == "joint" else 1
-
-  def schedule_of(programs):
-    return [programs[0] if i % every == 0 else programs[-1] for i in range(every)]
-
-  schedule = schedule_of(compiled)
-  counted = schedule_of(lowered)
+  schedule = step_schedule(config, kind, [program.compile() for program in lowered])
+  counted = step_schedule(config, kind, lowered)
+  every = len(schedule)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
   step = 0
 
@@ -227,7 +227,7 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
   if config[f"{kind}_phase"].grad_accum > 1:
     config = copy.deepcopy(config)
     config[f"{kind}_phase"].grad_accum = 1
-    counted = schedule_of(lower_phase(config, kind, batch)[3])
+    counted = step_schedule(config, kind, lower_phase(config, kind, batch)[3])
   flops = sum(cost_flops(program) for program in counted) / every
   device = jax.devices()[0]
   peak = peak_tflops(device)

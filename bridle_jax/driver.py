@@ -103,8 +103,8 @@ class Trainer:
         handoff = self._starting_point(phase)  # a resumed phase restores its own state
       phase_config = self.config[f"{phase.kind}_phase"]
       with device_memory.fields_on_out_of_memory(
-          f"{phase.kind}_phase", phase_config.batch_size,
-          self.mesh.shape["data"] * self.mesh.shape["fsdp"], phase_config.grad_accum):
+          f"{phase.kind}_phase", phase_config.batch_size, sharding.batch_shards(self.mesh),
+          phase_config.grad_accum):
         summaries[phase.id], handoff = self.run_phase(phase, handoff)
       completed.append(phase.id)
       checkpoint.write_progress(self.workdir, progress)
@@ -190,10 +190,8 @@ class Trainer:
     if steps_per_epoch == 0:
       raise ValueError(f"{phase.kind}_phase.batch_size={phase_config.batch_size} exceeds "
                        f"the {len(self.source)} clips of data.manifest")
-    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    if phase_config.batch_size % shards:
-      raise ValueError(f"{phase.kind}_phase.batch_size={phase_config.batch_size} is not "
-                       f"divisible by the {shards} data-parallel devices of the mesh")
+    sharding.check_batch_divides(f"{phase.kind}_phase.batch_size", phase_config.batch_size,
+                                 self.mesh)
     total = phase_config.steps or phase_config.epochs * steps_per_epoch
     warmup = round(total * phase_config.warmup_epochs / phase_config.epochs)
     tx = optim.adamw_direction(phase_config)

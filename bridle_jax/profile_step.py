@@ -117,13 +117,12 @@ def profile_phase(config, kind: str, batch: int, out_dir: str, steps: int, warmu
                   top: int) -> dict:
   """Traces `steps` steps of the phase into out_dir; returns (and writes) the summary."""
   _, state, device_batch, lowered = benchmark.lower_phase(config, kind, batch)
-  compiled = [program.compile() for program in lowered]
-  every = config[f"{kind}_phase"].get("tokenizer_every", 1) if kind == "joint" else 1
+  schedule = benchmark.step_schedule(config, kind, [program.compile() for program in lowered])
 
   def run(first, n):
     nonlocal state
     for i in range(first, first + n):
-      state, _, _ = compiled[0 if i % every == 0 else -1](state, device_batch)
+      state, _, _ = schedule[i % len(schedule)](state, device_batch)
     jax.block_until_ready(state)
 
   run(0, warmup)

@@ -131,3 +131,14 @@ def test_data_report_of_a_finetune_config_uses_the_finetune_batch(tmp_path):
   config.finetune.batch_size = 8  # the config's pretraining phases keep batch 1024
   result = report.run_data_report(config, num_batches=2)
   assert result["waveform_batch"][0] == 8
+
+
+def test_a_batch_that_does_not_split_over_the_batch_shards_names_the_field():
+  import jax
+  from bridle_jax.train import sharding
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "model": 1}, jax.devices()[:8])
+  assert sharding.batch_shards(mesh) == 8
+  sharding.check_batch_divides("encoder_phase.batch_size", 16, mesh)
+  with pytest.raises(ValueError, match=r"^encoder_phase.batch_size=12 is not divisible by the "
+                                       r"8 data-parallel devices \(mesh.data x mesh.fsdp\)"):
+    sharding.check_batch_divides("encoder_phase.batch_size", 12, mesh)

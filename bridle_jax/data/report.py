@@ -34,11 +34,8 @@ def run_data_report(config, num_batches: int) -> dict:
            else f"{config.rounds[0]}_phase") + ".batch_size"
   batch_size = config[field.split(".")[0]].batch_size
   mesh = train_sharding.make_mesh(config.mesh)  # the job's mesh: a bad one fails here
+  train_sharding.check_batch_divides(field, batch_size, mesh)
   sharding = train_sharding.batch_sharding(mesh)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % shards:
-    raise ValueError(f"{field}={batch_size} is not divisible by the {shards} data-parallel "
-                     "devices (mesh.data x mesh.fsdp)")
   ds = pipeline.build_dataset(source, data, global_batch_size=batch_size, seed=config.seed)
   features_fn = _device_features(data)
 

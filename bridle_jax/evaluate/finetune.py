@@ -375,9 +375,8 @@ class Finetuner:
       if run_id in results:
         logging.info("%s: already done", run_id)
         continue
-      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
       with device_memory.fields_on_out_of_memory("finetune", self.config.finetune.batch_size,
-                                                 shards):
+                                                 sharding.batch_shards(self.mesh)):
         results[run_id] = self.train_and_evaluate(run_id, index, train_source, eval_source)
       checkpoint.write_progress(self.workdir, progress)
     summary = summarise(self.config, self.mode, results)

@@ -44,6 +44,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """Devices the batch is split over: mesh.data x mesh.fsdp."""
+  return _axis_size(mesh, BATCH_AXES)
+
+
+def check_batch_divides(name: str, batch_size: int, mesh: Mesh) -> None:
+  """Raises ValueError naming `name` when `batch_size` does not split over the batch shards."""
+  shards = batch_shards(mesh)
+  if batch_size % shards:
+    raise ValueError(f"{name}={batch_size} is not divisible by the {shards} data-parallel "
+                     "devices (mesh.data x mesh.fsdp)")
+
+
 def _axis_size(mesh: Mesh, axes) -> int:
   if axes is None:
     return 1
