@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from absl import app
 from absl import flags
+from jax._src import xla_bridge  # the CPU backend's cost model (cost_flops)
+from jax._src.lib import _jax as jax_lib
 from ml_collections import config_flags
 
 from bridle_jax import files
@@ -81,16 +83,27 @@ def peak_tflops(device) -> float | None:
   return next((peak for name, peak in PEAK_TFLOPS if name.lower() in kind), None)
 
 
-def cost_flops(lowered) -> float:
-  """FLOPs of one call of a lowered program (cost_analysis is a list in older jax).
-
-  Counted on the program before the backend optimises it: on a GPU the optimised program
-  hands its matmuls to cuBLAS custom calls, which XLA's cost analysis counts as nothing.
-  """
-  cost = lowered.cost_analysis()
+def _flops_of(cost) -> float:
+  """The "flops" entry of a cost analysis (a list of dicts in older jax)."""
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return float((cost or {}).get("flops", 0.0))
+
+
+def cost_flops(lowered) -> float:
+  """FLOPs of one call of a lowered program, by XLA's cost analysis.
+
+  Counted on the program before the backend optimises it: on a GPU the optimised program
+  hands its matmuls to cuBLAS custom calls, which the cost analysis counts as nothing.
+  Where the device backend reports no FLOPs for it (the GPU backend of jax 0.11.2 does
+  not), the CPU backend's cost model counts the same HLO module. Custom calls (cuDNN
+  attention) count as nothing in either.
+  """
+  flops = _flops_of(lowered.cost_analysis())
+  if flops > 0:
+    return flops
+  module = lowered.compiler_ir("hlo").as_hlo_module()
+  return _flops_of(jax_lib.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module))
 
 
 def peak_memory_bytes() -> int | None:

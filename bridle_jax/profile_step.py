@@ -8,7 +8,9 @@ runs `--warmup` steps, then traces `--steps` steps with jax.profiler. out_dir re
 trace (XProf/TensorBoard format, `plugins/profile/<run>/*.xplane.pb`; open it in XProf or
 read it with `jax.profiler.ProfileData`) and `profile_summary.json`: the wall time of a
 traced step, the device time per step by kind of op (matmul, attention, fusion,
-copy, collective, other) and the ops that take the most. The summary is also printed.
+copy, collective, other), the HLO ops that take the most, and the JAX ops behind them
+(the compiled program's `op_name` metadata, e.g. "jvp(Decoder)/decoder_blocks_*/mlp/mul"
+for the decoder MLPs' forward). The summary is also printed.
 
 Device time is the sum of the kernels' durations on the device planes, keyed by the HLO op
 that launched them where the trace names it (`op_name`). Kernels on different streams may
@@ -51,14 +53,44 @@ def kind_of(*names: str) -> str:
 
 def op_name(stats: dict, kernel: str) -> str:
   """The HLO op behind a kernel event: its `hlo_op` stat, else the one named in its
-  `annotation` (XLA's scoped annotation, nested scopes joined by "::"), else the kernel."""
+  `annotation` (XLA's scoped annotation, nested scopes joined by "::"), else the kernel.
+
+  Kernels that XLA:GPU launches inside a command buffer (a CUDA graph) all name that
+  buffer as their op; each is named by its kernel instead, which for a fusion is the
+  fusion's name with '.' as '_'.
+  """
+  name = _named_op(stats) or kernel
+  return kernel if name.startswith("command_buffer") else name
+
+
+def _named_op(stats: dict) -> str:
   if stats.get("hlo_op"):
     return str(stats["hlo_op"])
   annotation = str(stats.get("annotation", ""))
   named = re.findall(r"hlo_op=([^,#]+)", annotation)
   if named:
     return named[-1]
-  return annotation.split("::")[-1].split("#")[0].strip() or kernel
+  return annotation.split("::")[-1].split("#")[0].strip()
+
+
+def _key(name: str) -> str:
+  """An HLO instruction or kernel name with '.' and '-' as '_' (how kernels spell them)."""
+  return re.sub(r"[.\-]", "_", name)
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+  """{instruction key: the JAX op that made it} from a compiled program's HLO text.
+
+  The source is the instruction's `op_name` metadata without the jit prefix and with
+  block numbers as '*' (e.g. "transpose(jvp(Decoder))/decoder_blocks_*/mlp/fc1/...").
+  """
+  sources = {}
+  for name, source in re.findall(
+      r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{[^}\n]*?op_name="([^"]*)"', hlo_text,
+      re.MULTILINE):
+    source = re.sub(r"^jit\([^)]*\)/", "", source)
+    sources[_key(name)] = re.sub(r"(blocks)_\d+", r"\1_*", source)
+  return sources
 
 
 def device_events(profile) -> list[tuple[str, str, float]]:
@@ -76,16 +108,24 @@ def device_events(profile) -> list[tuple[str, str, float]]:
   return events
 
 
-def summarize(profile, steps: int, step_seconds: float, top: int) -> dict:
-  """Device time per step by kind and for the `top` costliest ops, in milliseconds."""
+def summarize(profile, steps: int, step_seconds: float, top: int,
+              sources: dict[str, str] | None = None) -> dict:
+  """Device time per step by kind, for the `top` costliest ops and, given `hlo_sources`
+  of the traced program, for the `top` costliest JAX ops behind them, in milliseconds.
+  Kernels without a source (library calls inside command buffers) count as
+  "(<kind>, no source)"."""
+  sources = sources or {}
   by_op = collections.defaultdict(float)
   kernels = {}
   for op, kernel, duration in device_events(profile):
     by_op[op] += duration
     kernels.setdefault(op, kernel)
   by_kind = collections.defaultdict(float)
+  by_source = collections.defaultdict(float)
   for op, duration in by_op.items():
-    by_kind[kind_of(op, kernels[op])] += duration
+    kind = kind_of(op, kernels[op])
+    by_kind[kind] += duration
+    by_source[sources.get(_key(op), f"({kind}, no source)")] += duration
   total = sum(by_op.values())
   if not by_op:
     logging.warning("the trace has no device plane (a CPU backend): only wall time summarised")
@@ -100,6 +140,9 @@ def summarize(profile, steps: int, step_seconds: float, top: int) -> dict:
       "top_ops": [{"op": op, "kernel": kernels[op], "kind": kind_of(op, kernels[op]),
                    "ms_per_step": per_step_ms(ns), "share": ns / total if total else 0.0}
                   for op, ns in ranked],
+      "top_sources": [{"source": source, "ms_per_step": per_step_ms(ns),
+                       "share": ns / total if total else 0.0}
+                      for source, ns in sorted(by_source.items(), key=lambda i: -i[1])[:top]],
   }
 
 
@@ -110,6 +153,10 @@ def format_summary(summary: dict) -> str:
   lines.append("top ops (ms per step, share of device time, kind, op, kernel):")
   lines += [f"  {o['ms_per_step']:8.3f}  {100 * o['share']:5.1f}%  {o['kind']:<10} "
             f"{o['op'][:60]}  {o['kernel'][:60]}" for o in summary["top_ops"]]
+  if summary["top_sources"]:
+    lines.append("top JAX ops (ms per step, share of device time, op_name):")
+    lines += [f"  {o['ms_per_step']:8.3f}  {100 * o['share']:5.1f}%  {o['source'][:110]}"
+              for o in summary["top_sources"]]
   return "\n".join(lines)
 
 
@@ -117,7 +164,8 @@ def profile_phase(config, kind: str, batch: int, out_dir: str, steps: int, warmu
                   top: int) -> dict:
   """Traces `steps` steps of the phase into out_dir; returns (and writes) the summary."""
   _, state, device_batch, lowered = benchmark.lower_phase(config, kind, batch)
-  schedule = benchmark.step_schedule(config, kind, [program.compile() for program in lowered])
+  programs = [program.compile() for program in lowered]
+  schedule = benchmark.step_schedule(config, kind, programs)
 
   def run(first, n):
     nonlocal state
@@ -135,7 +183,10 @@ def profile_phase(config, kind: str, batch: int, out_dir: str, steps: int, warmu
   if not traces:
     raise RuntimeError(f"jax.profiler wrote no trace under {out_dir}")
   profile = jax.profiler.ProfileData.from_file(max(traces, key=os.path.getmtime))
-  summary = summarize(profile, steps, step_seconds, top)
+  sources = {}
+  for program in programs:
+    sources.update(hlo_sources(program.as_text()))
+  summary = summarize(profile, steps, step_seconds, top, sources)
   summary.update(phase=kind, batch=batch, device=jax.devices()[0].device_kind,
                  dtype=config.model.dtype)
   files.write_atomic(os.path.join(out_dir, "profile_summary.json"),

@@ -4,18 +4,20 @@
 #   launch/benchmark_gpu.sh                      # every run below, in this order
 #   launch/benchmark_gpu.sh encoder tokenizer    # only the runs named
 #
-# Runs: encoder, encoder_reuse (stored tokenizer codes), encoder_cudnn_window (cuDNN for
-# the Swin decoder's windows), tokenizer, joint (each a sweep over batch 128 and 256 in
-# the config's dtype, bf16), profile (a trace of 3 encoder and 3 tokenizer steps at
-# batch 128 and the device time per op, in $SCRATCH/profile/<phase>), input (the host
-# pipeline on 10 s clips written to $SCRATCH/clips10) and precision (bf16 against float32
-# on the demo, in $SCRATCH). Each batch size of a ViT-B phase spends about two minutes
-# compiling on an H100-class GPU: name a few runs per call where a call's time is short.
-# Compiled programs are cached in $SCRATCH/jax_cache, so a rerun starts faster. A run
-# that fails is reported and the others still run; the exit status says whether any
-# failed. Set BENCHMARKS_FILE to write elsewhere than ./BENCHMARKS.md, and CONFIG to time
-# another config than configs/audio.py (configs/audio.py:demo runs on a laptop), and
-# PYTHON to use another interpreter than python3.
+# Runs: attention (forward + backward of each attention variant and cuDNN padding at the
+# recipe's shapes, batch 128, printed only; about a minute), encoder, encoder_reuse (stored
+# tokenizer codes), encoder_cudnn_window (cuDNN for the Swin decoder's windows),
+# tokenizer, joint (each a sweep over batch 128 and 256 in the config's dtype, bf16),
+# profile (a trace of 3 encoder and 3 tokenizer steps at batch 128 and the device time
+# per op, in $SCRATCH/profile/<phase>), input (the host pipeline on 10 s clips written to
+# $SCRATCH/clips10) and precision (bf16 against float32 on the demo, in $SCRATCH). Each
+# batch size of a ViT-B phase spends about two minutes compiling on an H100-class GPU:
+# name a few runs per call where a call's time is short. Compiled programs are cached in
+# $SCRATCH/jax_cache, so a rerun starts faster. A run that fails is reported and the
+# others still run; the exit status says whether any failed. Set BENCHMARKS_FILE to write
+# elsewhere than ./BENCHMARKS.md, and CONFIG to time another config than configs/audio.py
+# (configs/audio.py:demo runs on a laptop), and PYTHON to use another interpreter than
+# python3.
 set -uo pipefail
 PYTHON="${PYTHON:-python3}"
 CONFIG="${CONFIG:-configs/audio.py}"
@@ -24,7 +26,8 @@ BENCHMARKS_FILE="${BENCHMARKS_FILE:-BENCHMARKS.md}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$SCRATCH/jax_cache}"
 RUNS=("$@")
 if [[ ${#RUNS[@]} -eq 0 ]]; then
-  RUNS=(encoder encoder_reuse encoder_cudnn_window tokenizer joint profile input precision)
+  RUNS=(attention encoder encoder_reuse encoder_cudnn_window tokenizer joint profile input
+        precision)
 fi
 
 bench() {
@@ -41,6 +44,7 @@ run() {
         --config.model.decoder.attention_impl=cudnn ;;
     tokenizer) bench --phase=tokenizer --batch=128,256 ;;
     joint) bench --phase=joint --batch=128,256 ;;
+    attention) "$PYTHON" -m bridle_jax.benchmark_attention --config="$CONFIG" --batch=128 ;;
     profile)
       for phase in encoder tokenizer; do
         "$PYTHON" -m bridle_jax.profile_step --config="$CONFIG" --phase="$phase" --batch=128 \
@@ -61,7 +65,8 @@ run() {
 }
 
 # Fail in seconds, not after the first sweeps, when a dependency is missing.
-modules="bridle_jax.benchmark, bridle_jax.profile_step, bridle_jax.precision_check"
+modules="bridle_jax.benchmark, bridle_jax.benchmark_attention, bridle_jax.profile_step"
+modules+=", bridle_jax.precision_check"
 "$PYTHON" -c "import $modules, bridle_jax.data.demo" || {
   echo "bridle_jax does not import with $PYTHON: install its requirements" \
     "(pip install -e . or the packages named above)" >&2

@@ -39,7 +39,7 @@ def test_auto_on_a_gpu_takes_cudnn_only_where_it_accepts_the_call(monkeypatch, d
 
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_cudnn_padding_leaves_the_result_unchanged(monkeypatch, with_bias):
-  """The cuDNN route pads 103 tokens to 128; padded keys must get no weight."""
+  """The cuDNN route pads 103 tokens to 104; the padded key must get no weight."""
   calls = []
   plain = jax.nn.dot_product_attention
 
@@ -55,7 +55,7 @@ def test_cudnn_padding_leaves_the_result_unchanged(monkeypatch, with_bias):
   out = attention.attend(q, k, v, "cudnn", bias=bias)
 
   (shape, kwargs), = calls
-  assert shape == (2, 128, 4, 8)
+  assert shape == (2, 104, 4, 8)
   np.testing.assert_array_equal(kwargs["key_value_seq_lengths"], [103, 103])
   assert out.shape == q.shape
   np.testing.assert_allclose(out, expected, atol=1e-5)

@@ -129,6 +129,17 @@ def test_cost_flops_reads_dict_or_list(cost):
   assert benchmark.cost_flops(lowered) == 5.0
 
 
+def test_cost_flops_falls_back_to_the_cpu_cost_model(encoder_phase):
+  # A backend whose analysis of the lowered program reports no FLOPs (the GPU one of jax
+  # 0.11.2) gets the CPU count of the same HLO module.
+  program = encoder_phase[3][0]
+  silent = type("Lowered", (), {"cost_analysis": lambda self: {},
+                                "compiler_ir": lambda self, dialect: program.compiler_ir(dialect)})()
+  counted = benchmark.cost_flops(program)
+  assert counted > 0
+  assert benchmark.cost_flops(silent) == pytest.approx(counted, rel=1e-6)
+
+
 def test_sweep_skips_batches_that_run_out_of_memory_and_names_the_best():
   def run_one(batch):
     if batch == 512:
@@ -168,3 +179,27 @@ def test_flops_per_step_do_not_depend_on_gradient_accumulation():
     flops[accum] = benchmark.run_step_benchmark(config, "encoder", 16, num_steps=1, warmup=1,
                                                 repeats=1)["flops_per_step"]
   assert flops[4] == pytest.approx(flops[1], rel=0.05)
+
+
+def test_attention_benchmark_times_every_shape_of_the_recipe(monkeypatch):
+  from bridle_jax import benchmark_attention
+  config = _demo_config()
+  rows = benchmark_attention.run(config, 2, [64], steps=1, warmup=1, repeats=1)
+  # demo: 8x8 patches, mask 0.8 keeps 12 (+ CLS); XLA only on a CPU.
+  assert [(r["shape"], r["variant"]) for r in rows] == [
+      ("global 13 tokens (masked encoder)", "xla"), ("global 65 tokens (full-input ViTs)", "xla"),
+      ("global 64 tokens (estimator)", "xla"), ("decoder windows (4, 4), shifted", "xla")]
+  assert all(r["ms"] > 0 for r in rows)
+  # On a GPU each padding multiple that gives a new length is one more cuDNN variant.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  labels = [(shape.split(" (")[0], variant)
+            for shape, variant, _ in benchmark_attention.cases(config, 2, [1, 2, 64, 128])]
+  assert labels == [
+      ("global 13 tokens", "xla"), ("global 13 tokens", "cudnn pad 1 -> 13"),
+      ("global 13 tokens", "cudnn pad 2 -> 14"), ("global 13 tokens", "cudnn pad 64 -> 64"),
+      ("global 13 tokens", "cudnn pad 128 -> 128"),
+      ("global 65 tokens", "xla"), ("global 65 tokens", "cudnn pad 1 -> 65"),
+      ("global 65 tokens", "cudnn pad 2 -> 66"), ("global 65 tokens", "cudnn pad 64 -> 128"),
+      ("global 64 tokens", "xla"), ("global 64 tokens", "cudnn pad 1 -> 64"),
+      ("global 64 tokens", "cudnn pad 128 -> 128"),
+      ("decoder windows", "xla"), ("decoder windows", "cudnn")]

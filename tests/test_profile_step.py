@@ -92,3 +92,48 @@ def test_traced_run_writes_the_trace_and_summary(tmp_path):
   assert written["wall_ms_per_step"] == summary["wall_ms_per_step"] > 0
   assert (written["phase"], written["batch"], written["steps"]) == ("encoder", 16, 2)
   assert written["top_ops"] == []  # the CPU backend traces no device plane
+
+
+# Kernels inside an XLA:GPU command buffer: each names the buffer as its hlo_op.
+_COMMAND_BUFFER_TRACE = """
+planes {
+  id: 1
+  name: "/device:GPU:0"
+  lines {
+    id: 1
+    name: "Stream #14(Memset,Compute)"
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 3000000000 stats { metadata_id: 1 str_value: "command_buffer_358" } }
+    events { metadata_id: 2 offset_ps: 3000000000 duration_ps: 5000000000 stats { metadata_id: 1 str_value: "command_buffer_358" } }
+    events { metadata_id: 3 offset_ps: 8000000000 duration_ps: 1000000000 stats { metadata_id: 1 str_value: "command_buffer_358" } }
+    events { metadata_id: 4 offset_ps: 9000000000 duration_ps: 1000000000 stats { metadata_id: 1 str_value: "command_buffer_12" } }
+  }
+  event_metadata { key: 1 value { id: 1 name: "loop_multiply_fusion_11" } }
+  event_metadata { key: 2 value { id: 2 name: "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT" } }
+  event_metadata { key: 3 value { id: 3 name: "input_add_reduce_fusion_52" } }
+  event_metadata { key: 4 value { id: 4 name: "loop_multiply_fusion_12" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+"""
+_HLO = """
+ENTRY %main {
+  %loop_multiply_fusion.11 = bf16[4,8]{1,0} fusion(%p), kind=kLoop, calls=%fused_multiply.11, metadata={op_name="jit(train_step)/jvp(Decoder)/decoder_blocks_0/mlp/mul" stack_frame_id=3}
+  ROOT %loop_multiply_fusion.12 = bf16[4,8]{1,0} fusion(%q), kind=kLoop, calls=%fused_multiply.12, metadata={op_name="jit(train_step)/jvp(Decoder)/decoder_blocks_15/mlp/mul"}
+  %input_add_reduce_fusion.52 = bf16[8]{0} fusion(%r), kind=kInput, metadata={op_name="jit(train_step)/transpose(jvp(Decoder))/decoder_blocks_15/mlp/fc1/reduce_sum"}
+}
+"""
+
+
+def test_kernels_in_command_buffers_are_told_apart_and_traced_to_jax_ops():
+  profile = jax.profiler.ProfileData.from_text_proto(_COMMAND_BUFFER_TRACE)
+  sources = profile_step.hlo_sources(_HLO)
+  assert sources["loop_multiply_fusion_12"] == "jvp(Decoder)/decoder_blocks_*/mlp/mul"
+  summary = profile_step.summarize(profile, steps=1, step_seconds=0.01, top=5, sources=sources)
+  assert [o["op"] for o in summary["top_ops"]] == [
+      "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "loop_multiply_fusion_11",
+      "input_add_reduce_fusion_52", "loop_multiply_fusion_12"]
+  assert summary["by_kind_ms_per_step"] == pytest.approx({"matmul": 5.0, "fusion": 5.0})
+  assert [(o["source"], o["ms_per_step"]) for o in summary["top_sources"]] == [
+      ("(matmul, no source)", pytest.approx(5.0)),
+      ("jvp(Decoder)/decoder_blocks_*/mlp/mul", pytest.approx(4.0)),
+      ("transpose(jvp(Decoder))/decoder_blocks_*/mlp/fc1/reduce_sum", pytest.approx(1.0))]
+  assert "top JAX ops" in profile_step.format_summary(summary)

@@ -1,4 +1,6 @@
 """Shared layers and the ViT encoder: shapes, parameter counts (§7.4), axis names, token order."""
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bridle_jax.models.layers import Attention, Block, PatchEmbed
+from bridle_jax.models.layers import Attention, Block, PatchEmbed, gelu
 from bridle_jax.models.pos_embed import audio_pos_embed
 from bridle_jax.models.vit import Encoder, encoder_from_config
 
@@ -162,3 +164,39 @@ def test_initialisation_bounds():
   assert 0.9 / np.sqrt(patch_fan_in) < bias.max() <= 1 / np.sqrt(patch_fan_in)
   cls = params['cls_token']
   assert cls.shape == (1, 1, width) and 0.01 < float(np.std(cls)) < 0.03
+
+
+def test_patch_embed_equals_strided_conv():
+  # The reshape + matmul must compute the reference's stride-p conv on any (B, H, W, C) input.
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 12, 8, 3)), jnp.float32)
+  embed = PatchEmbed(6, 4)
+  variables = nn.unbox(embed.init(jax.random.key(0), x))
+  kernel = variables['params']['proj']['kernel']
+  bias = variables['params']['proj']['bias']
+  assert kernel.shape == (4, 4, 3, 6) and bias.shape == (6,)
+  conv = jax.lax.conv_general_dilated(x, kernel, (4, 4), 'VALID',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(embed.apply(variables, x), (conv + bias).reshape(2, 6, 6),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='not a multiple of patch size 4'):
+    embed.apply(variables, x[:, :10])
+
+
+def test_gelu_is_the_exact_erf_form_with_its_derivative():
+  # Against float64 x·Φ(x) and Φ(x) + x·φ(x), over the range where both tails matter.
+  x = np.concatenate([np.linspace(-9.0, 9.0, 2001), [-40.0, 0.0, 40.0]])
+  cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+  slope = cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+  value, grad = jax.jit(jax.vmap(jax.value_and_grad(gelu)))(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(value, x * cdf, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(grad, slope, rtol=1e-5, atol=2e-6)
+  # bf16 in, bf16 out; the value is the float32 result rounded once.
+  xb = jnp.asarray(x, jnp.bfloat16)
+  yb = jax.jit(gelu)(xb)
+  assert yb.dtype == jnp.bfloat16
+  exact = np.asarray(xb, np.float64) * 0.5 * (
+      1.0 + np.vectorize(math.erf)(np.asarray(xb, np.float64) / math.sqrt(2.0)))
+  np.testing.assert_allclose(np.asarray(yb, np.float64), exact, rtol=2 ** -8, atol=1e-6)
+  _, vjp = jax.vjp(gelu, xb)
+  assert vjp(jnp.ones_like(xb))[0].dtype == jnp.bfloat16

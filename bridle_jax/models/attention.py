@@ -2,16 +2,17 @@
 
 Implementations: 'xla' (XLA's fused softmax attention; also the TPU path), 'cudnn' (cuDNN
 flash attention, GPU only, bf16/fp16 inputs), 'auto' (cuDNN on a GPU where `resolve` finds
-a dtype and head size it accepts, XLA everywhere else). cuDNN refuses some sequence
-lengths (the ViT-B encoder sees 103 tokens at mask 0.8), so for it q, k and v are
-zero-padded to a multiple of `CUDNN_BLOCK` tokens and the padding is excluded through the
-sequence-length arguments.
+a dtype and head size it accepts, XLA everywhere else). cuDNN's training kernels refuse odd
+sequence lengths (the ViT-B encoder sees 103 tokens at mask 0.8, the full-input ViTs 513),
+so for it q, k and v are zero-padded to a multiple of `CUDNN_BLOCK` tokens and the padding
+is excluded through the sequence-length arguments. On an H200 padding to even lengths was
+fastest (`python -m bridle_jax.benchmark_attention` times the multiples on any GPU).
 """
 import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-CUDNN_BLOCK = 128
+CUDNN_BLOCK = 2
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -32,14 +33,15 @@ def resolve(implementation: str | None, dtype, head_dim: int) -> str:
 
 
 def attend(q, k, v, implementation: str | None = "auto", *, bias=None, scale=None,
-           pad_to: int = CUDNN_BLOCK):
+           pad_to: int | None = None):
   """Softmax attention of q, k, v (B, N, heads, head_dim) -> (B, N, heads, head_dim).
 
   bias: additive logits, broadcastable to (B, heads, N, N). Logits and softmax are float32
-  in both implementations. With cuDNN and N not a multiple of `pad_to`, the call runs on
-  N rounded up to it and returns the first N rows.
+  in both implementations. With cuDNN and N not a multiple of `pad_to` (default
+  `CUDNN_BLOCK`), the call runs on N rounded up to it and returns the first N rows.
   """
   implementation = resolve(implementation, q.dtype, q.shape[-1])
+  pad_to = CUDNN_BLOCK if pad_to is None else pad_to
   if implementation == "cudnn" and bias is not None:
     bias = bias.astype(q.dtype)
   length = q.shape[1]
