@@ -71,7 +71,7 @@ def _window_case(batch, dec, grid, dtype, implementation):
                                        attention_impl=implementation)
   x = jax.random.normal(jax.random.key(1), (batch, num_windows, window[0] * window[1],
                                             dec.width), dtype)
-  mask = jnp.asarray(decoder_lib.shift_attention_mask(grid, window, dec.shift))
+  mask = decoder_lib.shift_attention_mask(grid, window, dec.shift)
   params = jax.jit(module.init)(jax.random.key(0), x[:1], mask)
 
   def loss(params, x):

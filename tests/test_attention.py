@@ -187,3 +187,49 @@ def test_config_names_a_bad_speed_or_restart_setting(overrides, message):
   config.update_from_flattened_dict(overrides)
   with pytest.raises(config_validation.ConfigError, match=message):
     config_validation.validate_config(config)
+
+
+def _first_window_mask(grid, window):
+  mask = np.zeros_like(decoder.shift_attention_mask(grid, window, 1))
+  mask[0, 0, 1:] = decoder.SHIFT_MASK_VALUE
+  return mask
+
+
+@pytest.mark.parametrize("mask_of", [
+    lambda grid, window: None,
+    lambda grid, window: decoder.shift_attention_mask(grid, window, 1),
+    _first_window_mask,  # a masked group before a plain one: outputs are put back in order
+], ids=["unshifted", "shifted", "masked-first"])
+def test_grouped_cudnn_window_attention_equals_the_folded_one(monkeypatch, mask_of):
+  """Windows grouped into one sequence, other windows' tokens weighted 0: same output and
+  gradients as one short sequence per window."""
+  grid, window = (8, 4), (2, 2)  # 8 windows of 4 tokens; groups of 4 windows below
+  monkeypatch.setattr(decoder, "CUDNN_GROUP_TOKENS", 16)
+  mask = mask_of(grid, window)
+  x = jax.random.normal(jax.random.key(0), (3, 8, 4, 8))
+  cotangent = jax.random.normal(jax.random.key(1), (3, 8, 4, 8))
+  folded = decoder.WindowAttention(num_heads=2, window=window)
+  grouped = folded.clone(attention_impl="cudnn")
+  params = folded.init(jax.random.key(2), x, mask)
+
+  def value_and_grads(module):
+    loss = lambda p, x: jnp.sum(module.apply(p, x, mask) * cotangent)
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+  expected = value_and_grads(folded)
+  calls = []
+  plain = jax.nn.dot_product_attention
+
+  def recording(q, k, v, **kwargs):
+    calls.append((q.shape, kwargs["bias"].shape))
+    kwargs["implementation"] = "xla"  # run the cuDNN-shaped call on this CPU
+    return plain(q, k, v, **kwargs)
+
+  monkeypatch.setattr(attention.jax.nn, "dot_product_attention", recording)
+  got = value_and_grads(grouped)
+  expected_calls = ([((6, 16, 2, 4), (1, 2, 16, 16))] if mask is None
+                    else [((3, 16, 2, 4), (1, 2, 16, 16))] * 2)
+  assert calls == expected_calls
+  np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
+  for g, e in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1])):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)

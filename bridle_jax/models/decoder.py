@@ -17,6 +17,8 @@ Dtype = Any
 SWIN_LN_EPS = 1e-5
 META_MLP_HIDDEN = 384
 SHIFT_MASK_VALUE = -100.0
+CUDNN_GROUP_TOKENS = 128    # cuDNN window attention: windows per sequence fill this many
+OUTSIDE_WINDOW = -1e9       # bias between tokens of different windows in one sequence
 
 
 def _swin_layer_norm(dtype, param_dtype, name):
@@ -90,13 +92,79 @@ def _unit(x):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
+def windows_per_group(num_windows: int, window_tokens: int) -> int:
+  """The most windows (a divisor of num_windows) whose tokens fit `CUDNN_GROUP_TOKENS`."""
+  fits = [g for g in range(1, num_windows + 1)
+          if num_windows % g == 0 and g * window_tokens <= CUDNN_GROUP_TOKENS]
+  return max(fits, default=1)
+
+
+def _block_diagonal(blocks):
+  """(g, n, n) -> (g·n, g·n) with the blocks on the diagonal and zeros elsewhere."""
+  g, n, _ = blocks.shape
+  out = np.zeros((g * n, g * n), blocks.dtype)
+  for i, block in enumerate(blocks):
+    out[i * n:(i + 1) * n, i * n:(i + 1) * n] = block
+  return out
+
+
+def _select_windows(t, windows):
+  """t[:, windows] for static indices, as a slice where the windows are consecutive."""
+  if np.array_equal(windows, np.arange(windows[0], windows[-1] + 1)):
+    return t[:, windows[0]:windows[-1] + 1]
+  return t[:, windows]
+
+
+def grouped_window_attention(q, k, v, bias, mask):
+  """Window attention as cuDNN flash attention over groups of windows.
+
+  q, k, v: (B, windows, n, heads, head_dim); bias: (heads, n, n) float32; mask: NumPy
+  (windows, n, n) additive or None. cuDNN is slow on 16-token sequences, so
+  `windows_per_group` consecutive windows form one sequence of about 128 tokens whose
+  bias is the window bias on the diagonal blocks and `OUTSIDE_WINDOW` between windows
+  (softmax weights exactly 0 there). Groups whose windows carry no shift mask share one
+  (1, heads, T, T) bias; each masked group is a call of its own.
+  """
+  batch, num_windows, n, heads, head_dim = q.shape
+  mask = None if mask is None else np.asarray(mask)
+  per_group = windows_per_group(num_windows, n)
+  tokens = per_group * n
+  same_window = _block_diagonal(np.ones((per_group, n, n), bool))
+  tiled = jnp.tile(bias, (1, per_group, per_group))
+  groups = [range(j * per_group, (j + 1) * per_group) for j in range(num_windows // per_group)]
+  if mask is None:
+    calls = [(groups, None)]
+  else:
+    masked = [g for g in groups if np.any(mask[g.start:g.stop])]
+    plain = [g for g in groups if g not in masked]
+    calls = ([(plain, None)] if plain else []) + [([g], g) for g in masked]
+  outputs, order = [], []
+  for members, masked_group in calls:
+    group_bias = tiled
+    if masked_group is not None:
+      group_bias = group_bias + _block_diagonal(mask[masked_group.start:masked_group.stop])
+    group_bias = jnp.where(same_window, group_bias, OUTSIDE_WINDOW)[None]
+    windows = np.concatenate([np.asarray(g) for g in members])
+    order.append(windows)
+    q_s, k_s, v_s = (_select_windows(t, windows).reshape(batch * len(members), tokens, heads,
+                                                        head_dim) for t in (q, k, v))
+    out = attention.attend(q_s, k_s, v_s, "cudnn", bias=group_bias, scale=1.0, pad_to=1)
+    outputs.append(out.reshape(batch, len(windows), n, heads, head_dim))
+  out = jnp.concatenate(outputs, axis=1)
+  order = np.concatenate(order)
+  if np.any(order != np.arange(num_windows)):
+    out = out[:, np.argsort(order)]
+  return out
+
+
 class WindowAttention(nn.Module):
-  """Scaled cosine attention inside windows, the windows folded into the batch.
+  """Scaled cosine attention inside windows.
 
   Logits q̂·k̂ / max(τ, 0.01) of unit vectors q̂ = q / max(|q|, 1e-6) (equal to the
   reference's q·k / max(|q||k|, 1e-6) / max(τ, 0.01) unless |q|, |k| or |q||k| falls
-  below 1e-6) plus the meta-MLP bias and the shift mask, as one fused attention call with
-  scale 1.
+  below 1e-6) plus the meta-MLP bias and the shift mask, with scale 1: for 'xla' as one
+  fused call with the windows folded into the batch, for 'cudnn' through
+  `grouped_window_attention`.
   """
   num_heads: int
   window: Sequence[int]
@@ -107,7 +175,7 @@ class WindowAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
-    """x: (B, windows, n, D); mask: (windows, n, n) additive or None."""
+    """x: (B, windows, n, D); mask: NumPy (windows, n, n) additive or None."""
     batch, num_windows, n, dim = x.shape
     qkv = layers.QKVProjection(self.num_heads, self.dtype, self.param_dtype, name="qkv")(x)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
@@ -119,18 +187,27 @@ class WindowAttention(nn.Module):
 
     bias = MetaMlp(self.num_heads, self.meta_mlp_dropout, param_dtype=self.param_dtype,
                    name="meta_mlp")(relative_coordinates_log(self.window), deterministic)
+    bias = bias.T.reshape(self.num_heads, n, n)
+    if attention.resolve(self.attention_impl, q.dtype, q.shape[-1]) == "cudnn":
+      out = grouped_window_attention(q, k, v, bias, mask)
+    else:
+      out = self._folded(q, k, v, bias, mask)
+    return layers.HeadsProjection(dim, self.dtype, self.param_dtype, name="proj")(out)
+
+  def _folded(self, q, k, v, bias, mask):
+    """One attention call over (B·windows) sequences of n tokens."""
+    batch, num_windows = q.shape[:2]
 
     def fold(t):
       return t.reshape(batch * num_windows, *t.shape[2:])
 
-    bias = bias.T.reshape(1, self.num_heads, n, n)
+    bias = bias[None]
     if mask is not None:  # a different mask per window: one bias row per (sample, window)
       bias = bias + mask[:, None]
-      bias = fold(jnp.broadcast_to(bias, (batch, num_windows, self.num_heads, n, n)))
+      bias = fold(jnp.broadcast_to(bias, (batch, num_windows, *bias.shape[1:])))
     out = attention.attend(fold(q), fold(k), fold(v), self.attention_impl, bias=bias,
                            scale=1.0, pad_to=1)
-    out = out.reshape(batch, num_windows, n, self.num_heads, -1)
-    return layers.HeadsProjection(dim, self.dtype, self.param_dtype, name="proj")(out)
+    return out.reshape(q.shape)
 
 
 class SwinBlock(nn.Module):
@@ -163,7 +240,7 @@ class SwinBlock(nn.Module):
     mask = None
     if self.shift:
       h = jnp.roll(h, -self.shift, axis=1)
-      mask = jnp.asarray(shift_attention_mask(self.grid, self.window, self.shift))
+      mask = shift_attention_mask(self.grid, self.window, self.shift)
     h = WindowAttention(self.num_heads, self.window, self.meta_mlp_dropout, self.dtype,
                         self.param_dtype, self.attention_impl, name="attn")(
                             partition_windows(h, self.window), mask, deterministic)
