@@ -176,7 +176,7 @@ class WindowAttention(nn.Module):
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
     """x: (B, windows, n, D); mask: NumPy (windows, n, n) additive or None."""
-    batch, num_windows, n, dim = x.shape
+    n, dim = x.shape[2:]
     qkv = layers.QKVProjection(self.num_heads, self.dtype, self.param_dtype, name="qkv")(x)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
     tau = self.param("tau", layers.partitioned(nn.initializers.ones, "heads"),
