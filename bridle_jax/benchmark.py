@@ -119,6 +119,26 @@ def _kernel_size(tree, skip: str = "") -> int:
              if "kernel" in (name := jax.tree_util.keystr(path)) and not (skip and skip in name))
 
 
+def encoder_tokens(models: state_lib.Models) -> int:
+  """Tokens the masked encoder runs on: CLS and the visible patches."""
+  x = jax.ShapeDtypeStruct((1, *models.input_shape), np.float32)
+  rngs = {"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(1)}
+  features = jax.eval_shape(
+      lambda x: models.encoder.init_with_output(rngs, x, apply_mask=True)[0][0], x)
+  return features.shape[1]
+
+
+def median_seconds(run, num_steps: int, warmup: int, repeats: int) -> float:
+  """Median seconds per step of `run(n)`, which runs n steps and waits for the last."""
+  run(warmup)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run(num_steps)
+    times.append((time.perf_counter() - start) / num_steps)
+  return statistics.median(times)
+
+
 def analytic_flops(models: state_lib.Models, params: dict, kind: str, batch: int,
                    tokenizer_every: int = 1, reuse_codes: bool = False) -> float:
   """2 x kernel weights x tokens per forward, x3 for trained modules (forward + backward).
@@ -126,11 +146,7 @@ def analytic_flops(models: state_lib.Models, params: dict, kind: str, batch: int
   With `reuse_codes` the encoder step reads stored codes and skips the tokenizer.
   """
   patches = models.encoder.num_patches
-  x = jax.ShapeDtypeStruct((1, *models.input_shape), np.float32)
-  visible = jax.eval_shape(
-      lambda p, x: models.encoder.apply({"params": p}, x, apply_mask=True,
-                                        rngs={"mask": jax.random.PRNGKey(0)})[0],
-      params["encoder"], x).shape[1]
+  visible = encoder_tokens(models)
   enc = 2 * _kernel_size(params["encoder"])
   masked_encoder = enc * visible
   teacher = enc * (patches + 1)
@@ -225,13 +241,7 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
       step += 1
     jax.block_until_ready(state)
 
-  run(warmup)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run(num_steps)
-    times.append((time.perf_counter() - start) / num_steps)
-  step_time = statistics.median(times)
+  step_time = median_seconds(run, num_steps, warmup, repeats)
   peak_memory = peak_memory_bytes()  # before the FLOP count below can allocate more
   state = device_batch = None  # frees the device for the state built below
   # The lowered program is the whole (unpartitioned) step, so this is the global count.

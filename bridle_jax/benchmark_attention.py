@@ -11,16 +11,13 @@ median over --repeats loops of --steps calls, in ms per call. A variant the back
 refuses is listed with its error. The fastest padding is what `attention.CUDNN_BLOCK`
 should be on that GPU.
 """
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from bridle_jax import benchmark
 from bridle_jax.models import attention
 from bridle_jax.models import decoder as decoder_lib
 from bridle_jax.train import state as state_lib
@@ -38,16 +35,13 @@ def _define_flags():
 
 def _time(fn, args, steps: int, warmup: int, repeats: int) -> float:
   """Median ms per call of a jitted fn."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(steps):
+  def run(n):
+    out = None
+    for _ in range(n):
       out = fn(*args)
     jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / steps)
-  return 1e3 * statistics.median(times)
+
+  return 1e3 * benchmark.median_seconds(run, steps, warmup, repeats)
 
 
 def _global_case(batch, length, heads, head_dim, dtype, implementation, pad_to):
@@ -87,11 +81,7 @@ def cases(config, batch: int, pads) -> list[tuple[str, str, object]]:
   dtype = jnp.dtype(model.dtype)
   heads, head_dim = model.num_heads, model.width // model.num_heads
   patches = models.encoder.num_patches
-  x = jax.ShapeDtypeStruct((1, *models.input_shape), np.float32)
-  visible = jax.eval_shape(
-      lambda x: models.encoder.init_with_output(
-          {"params": jax.random.key(0), "mask": jax.random.key(1)}, x, apply_mask=True)[0][0],
-      x).shape[1]
+  visible = benchmark.encoder_tokens(models)
   on_gpu = jax.default_backend() == "gpu"
   variants = [("xla", "xla", 1)]
   if on_gpu:
