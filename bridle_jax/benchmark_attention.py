@@ -6,10 +6,10 @@ Cases: global attention at the sequence lengths of the masked encoder (CLS + vis
 patches), the full-input ViTs (CLS + all patches) and the estimator (all patches), with
 XLA and, on a GPU, cuDNN for each padding multiple in --pads; and the decoder's shifted
 window attention (`decoder.WindowAttention`, meta-MLP bias and shift mask included) with
-XLA and, on a GPU, cuDNN. Inputs are random, in the config's dtype; each time is the
-median over --repeats loops of --steps calls, in ms per call. A variant the backend
-refuses is listed with its error. The fastest padding is what `attention.CUDNN_BLOCK`
-should be on that GPU.
+XLA and, on a GPU, grouped cuDNN and the Pallas kernel. Inputs are random, in the config's
+dtype; each time is the median over --repeats loops of --steps calls, in ms per call. A
+variant the backend refuses is listed with its error. The fastest padding is what
+`attention.CUDNN_BLOCK` should be on that GPU.
 """
 import jax
 import jax.numpy as jnp
@@ -102,7 +102,7 @@ def cases(config, batch: int, pads) -> list[tuple[str, str, object]]:
   grid = models.decoder.grid
   dec = model.decoder
   if dec.mode == 1:
-    for impl in ("xla", "cudnn") if on_gpu else ("xla",):
+    for impl in decoder_lib.WINDOW_IMPLEMENTATIONS if on_gpu else ("xla",):
       out.append((f"decoder windows {tuple(dec.window)}, shifted", impl,
                   lambda impl=impl: _window_case(batch, dec, grid, dtype, impl)))
   return out

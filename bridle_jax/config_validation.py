@@ -4,7 +4,7 @@ import os
 import ml_collections
 
 from bridle_jax.data import audio
-from bridle_jax.models import attention, layers, pos_embed
+from bridle_jax.models import attention, decoder, layers, pos_embed, window_attention_kernel
 
 DATA_FORMATS = ("json", "folder", "tfds")
 QUANTIZER_TYPES = ("rq", "vq")
@@ -90,7 +90,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   dec = m.decoder
   _one_of(config, "model.decoder.mode", DECODER_MODES)
-  _one_of(config, "model.decoder.attention_impl", ("xla", "cudnn"))
+  _one_of(config, "model.decoder.attention_impl", decoder.WINDOW_IMPLEMENTATIONS)
   _require(dec.width % dec.num_heads == 0, "model.decoder.width",
            f"{dec.width} is not divisible by model.decoder.num_heads={dec.num_heads}")
   if dec.mode == 1:
@@ -104,6 +104,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(dec.attention_impl != "cudnn" or window_tokens % 2 == 0,
              "model.decoder.attention_impl", f"'cudnn' needs an even number of tokens per "
              f"window (trained with a bias), model.decoder.window gives {window_tokens}")
+    reason = window_attention_kernel.unsupported_reason(window_tokens, dec.width // dec.num_heads)
+    _require(dec.attention_impl != "pallas" or reason is None, "model.decoder.attention_impl",
+             f"'pallas': {reason} (model.decoder.window, width / num_heads)")
 
   q = m.quantizer
   _one_of(config, "model.quantizer.type", QUANTIZER_TYPES)

@@ -7,9 +7,12 @@ order and initialisation; only `model.dtype` differs; the quantizer is float32 i
 in float32 with the next seed, which measures how far two equally valid float32 runs end
 apart. Per phase it compares the mean losses over the last quarter of the steps: bfloat16
 is within noise when its gap to float32 is no larger than the other seed's gap plus twice
-the standard error of the float32 tail mean. Then it quantizes one batch with the float32
-run's final tokenizer computed in float32 and in bfloat16 and reports, per codebook, the
-fraction of patches given the same code.
+the standard error of the float32 tail mean. Then, on one batch and the float32 run's
+final parameters, it computes in float32 and in bfloat16 the tokenizer's codes (the
+fraction of patches given the same code, per codebook) and the gradients of the encoder
+and tokenizer phase losses (the bfloat16 gradient's distance from the float32 one,
+relative to its norm): the rounding error of a single step, which the loss curves show
+only blurred by the run-to-run spread of training.
 """
 import copy
 import functools
@@ -39,7 +42,7 @@ RUNS = {"float32": ("float32", 0), "bfloat16": ("bfloat16", 0),
 def _define_flags():
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/audio.py:demo.")
   flags.DEFINE_string("workdir", None, "Empty directory for the three runs.")
-  flags.DEFINE_integer("code_batch", 64, "Clips quantized for the code agreement.")
+  flags.DEFINE_integer("code_batch", 64, "Clips for the code and gradient agreement.")
 
 
 def train_runs(config, workdir: str) -> dict:
@@ -72,8 +75,8 @@ def compare_curves(reference: np.ndarray, bf16: np.ndarray, next_seed: np.ndarra
           "within_noise": abs(gap) <= abs(seed_gap) + 2 * standard_error}
 
 
-def code_agreement(config, workdir: str, num_clips: int) -> list[float]:
-  """Per codebook, the fraction of patches whose code is the same in float32 and bfloat16."""
+def _final_state_and_batch(config, workdir: str, num_clips: int):
+  """(float32 models, bfloat16 models, the float32 run's final state, one batch's features)."""
   run_config, models, pretrained = workdir_lib.load_pretrained(os.path.join(workdir, "float32"))
   source = sources.open_source(config.data)
   batch = next(iter(pipeline.build_dataset(
@@ -82,7 +85,11 @@ def code_agreement(config, workdir: str, num_clips: int) -> list[float]:
   x = models.features({k: batch[k] for k in driver.BATCH_KEYS}, None)
   low_config = copy.deepcopy(run_config)
   low_config.model.dtype = "bfloat16"
-  low_models = state_lib.build_models(low_config)
+  return models, state_lib.build_models(low_config), pretrained, x
+
+
+def code_agreement(models, low_models, pretrained, x) -> list[float]:
+  """Per codebook, the fraction of patches whose code is the same in float32 and bfloat16."""
   codes = [np.asarray(jax.jit(functools.partial(steps.tokenizer_codes, m, cold_start=False))(
       pretrained["params"], pretrained["codebooks"], x)[0]) for m in (models, low_models)]
   spec = models.quantizer
@@ -90,12 +97,29 @@ def code_agreement(config, workdir: str, num_clips: int) -> list[float]:
   return same.mean(axis=(0, 2)).tolist()
 
 
+def gradient_error(models, low_models, pretrained, x) -> dict:
+  """Per phase loss, |g_bf16 - g_f32| / |g_f32| over all parameters (same batch and mask)."""
+  losses = {"encoder": functools.partial(steps.encoder_phase_loss, cold_start=False),
+            "tokenizer": steps.tokenizer_phase_loss}
+  errors = {}
+  for phase, loss_fn in losses.items():
+    grads = [jax.tree.leaves(jax.jit(jax.grad(
+        lambda p, m=m: loss_fn(m, p, pretrained["codebooks"], x, jax.random.key(0))[0]))(
+            pretrained["params"])) for m in (models, low_models)]
+    squared = lambda leaves: sum(float(np.sum(np.square(np.float64(g)))) for g in leaves)
+    difference = squared([g32 - g16 for g32, g16 in zip(*grads)])
+    errors[phase] = float(np.sqrt(difference / squared(grads[0])))
+  return errors
+
+
 def run(config, workdir: str, code_batch: int) -> dict:
   prepare.prepare(config, workdir)
   curves = train_runs(config, workdir)
   phases = {phase: compare_curves(*(curves[name][phase] for name in RUNS))
             for phase in curves["float32"]}
-  return {"phases": phases, "code_agreement": code_agreement(config, workdir, code_batch)}
+  final = _final_state_and_batch(config, workdir, code_batch)
+  return {"phases": phases, "code_agreement": code_agreement(*final),
+          "gradient_error": gradient_error(*final)}
 
 
 def main(argv):

@@ -6,8 +6,9 @@
 #
 # Runs: attention (forward + backward of each attention variant and cuDNN padding at the
 # recipe's shapes, batch 128, printed only; about a minute), encoder, encoder_reuse (stored
-# tokenizer codes), encoder_cudnn_window (cuDNN for the Swin decoder's windows),
-# tokenizer, joint (each a sweep over batch 128 and 256 in the config's dtype, bf16),
+# tokenizer codes), encoder_cudnn_window and encoder_pallas_window (grouped cuDNN calls or
+# the fused Pallas kernel for the Swin decoder's windows),
+# tokenizer, joint (each a sweep over $BATCHES in the config's dtype, bf16),
 # profile (a trace of 3 encoder and 3 tokenizer steps at batch 128 and the device time
 # per op, in $SCRATCH/profile/<phase>), input (the host pipeline on 10 s clips written to
 # $SCRATCH/clips10) and precision (bf16 against float32 on the demo, in $SCRATCH). Each
@@ -15,19 +16,24 @@
 # name a few runs per call where a call's time is short. Compiled programs are cached in
 # $SCRATCH/jax_cache, so a rerun starts faster. A run that fails is reported and the
 # others still run; the exit status says whether any failed. Set BENCHMARKS_FILE to write
-# elsewhere than ./BENCHMARKS.md, and CONFIG to time another config than configs/audio.py
-# (configs/audio.py:demo runs on a laptop), and PYTHON to use another interpreter than
+# elsewhere than ./BENCHMARKS.md, CONFIG to time another config than configs/audio.py
+# (configs/audio.py:demo runs on a laptop), BATCHES to sweep other batch sizes than 128,256
+# (e.g. BATCHES=256 halves the compiling), and PYTHON to use another interpreter than
 # python3.
 set -uo pipefail
 PYTHON="${PYTHON:-python3}"
 CONFIG="${CONFIG:-configs/audio.py}"
 SCRATCH="${SCRATCH:-/tmp/bridle_benchmark}"
 BENCHMARKS_FILE="${BENCHMARKS_FILE:-BENCHMARKS.md}"
+BATCHES="${BATCHES:-128,256}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$SCRATCH/jax_cache}"
+# Each run owns the accelerator: let XLA take 92 % of its memory, not the default 75 %
+# (on an 80 GB H100 that decides whether the joint phase fits at batch 256).
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 RUNS=("$@")
 if [[ ${#RUNS[@]} -eq 0 ]]; then
-  RUNS=(attention encoder encoder_reuse encoder_cudnn_window tokenizer joint profile input
-        precision)
+  RUNS=(attention encoder encoder_reuse encoder_cudnn_window encoder_pallas_window tokenizer
+        joint profile input precision)
 fi
 
 bench() {
@@ -37,13 +43,15 @@ bench() {
 
 run() {
   case "$1" in
-    encoder) bench --phase=encoder --batch=128,256 ;;
-    encoder_reuse) bench --phase=encoder --batch=128,256 \
+    encoder) bench --phase=encoder --batch="$BATCHES" ;;
+    encoder_reuse) bench --phase=encoder --batch="$BATCHES" \
         --config.encoder_phase.reuse_codes=True --config.data.roll_mag_aug=False ;;
-    encoder_cudnn_window) bench --phase=encoder --batch=128,256 \
+    encoder_cudnn_window) bench --phase=encoder --batch="$BATCHES" \
         --config.model.decoder.attention_impl=cudnn ;;
-    tokenizer) bench --phase=tokenizer --batch=128,256 ;;
-    joint) bench --phase=joint --batch=128,256 ;;
+    encoder_pallas_window) bench --phase=encoder --batch="$BATCHES" \
+        --config.model.decoder.attention_impl=pallas ;;
+    tokenizer) bench --phase=tokenizer --batch="$BATCHES" ;;
+    joint) bench --phase=joint --batch="$BATCHES" ;;
     attention) "$PYTHON" -m bridle_jax.benchmark_attention --config="$CONFIG" --batch=128 ;;
     profile)
       for phase in encoder tokenizer; do

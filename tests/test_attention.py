@@ -9,7 +9,7 @@ import pytest
 
 from bridle_jax import config_validation
 from bridle_jax.data import audio
-from bridle_jax.models import attention, decoder, layers, quantizer
+from bridle_jax.models import attention, decoder, layers, quantizer, window_attention_kernel
 from bridle_jax.train import optim, steps
 from bridle_jax.train import state as state_lib
 from configs import audio as audio_config
@@ -178,6 +178,9 @@ def test_remat_keeps_params_loss_and_gradients():
     ({"model.dtype": "bfloat16", "model.decoder.attention_impl": "cudnn",
       "model.decoder.window": (1, 1), "model.decoder.shift": 0},
      "^model.decoder.attention_impl: 'cudnn' needs an even number of tokens"),
+    ({"model.decoder.attention_impl": "pallas", "model.decoder.window": (2, 2),
+      "model.decoder.shift": 1},
+     "^model.decoder.attention_impl: 'pallas': tokens per window must be a power of two"),
     ({"tokenizer_phase.restart_unused_every": 5, "model.quantizer.restart_unused": False},
      "^tokenizer_phase.restart_unused_every: restarts need"),
 ])
@@ -233,3 +236,98 @@ def test_grouped_cudnn_window_attention_equals_the_folded_one(monkeypatch, mask_
   np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
   for g, e in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1])):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [0, 2], ids=["unshifted", "shifted"])
+def test_pallas_window_attention_equals_the_xla_one(shift):
+  """The fused kernel (interpreted on this CPU) against the XLA path: in float32 the same
+  output and gradients, tau and the meta-MLP bias included; in bfloat16 no further from
+  the float32 numbers than the XLA path is (tau's gradient, a sum with cancellation, is
+  where bfloat16 rounding shows most)."""
+  grid, window = (8, 8), (4, 4)  # 4 windows of 16 tokens, head dim 16
+  mask = decoder.shift_attention_mask(grid, window, shift) if shift else None
+  x = jax.random.normal(jax.random.key(0), (2, 4, 16, 32)).astype(jnp.bfloat16)
+  cotangent = jax.random.normal(jax.random.key(1), x.shape)
+
+  def value_and_grads(dtype, impl):
+    module = decoder.WindowAttention(num_heads=2, window=window, dtype=dtype,
+                                     attention_impl=impl)
+    params = dict(module.init(jax.random.key(2), x, mask)["params"])
+    params["tau"] = jnp.array([0.3, 2.0])
+    loss = lambda p, x: jnp.sum(module.apply({"params": p}, x, mask).astype(jnp.float32)
+                                * cotangent)
+    out = jax.value_and_grad(loss, argnums=(0, 1))(params, x.astype(dtype))
+    return jax.tree_util.tree_leaves_with_path(out)
+
+  def errors(got, expected):
+    """{leaf: max |got - expected| / max |expected|}, without the meta-MLP's output bias:
+    it shifts all logits of a head, so its gradient is 0 up to rounding."""
+    return {jax.tree_util.keystr(path): float(np.abs(np.float32(g) - e).max() / np.abs(e).max())
+            for (path, e), (_, g) in zip(expected, got)
+            if not ("fc2" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path))}
+
+  reference = value_and_grads(jnp.float32, "xla")
+  assert max(errors(value_and_grads(jnp.float32, "pallas"), reference).values()) < 1e-4
+  xla_bf16 = errors(value_and_grads(jnp.bfloat16, "xla"), reference)
+  pallas_bf16 = errors(value_and_grads(jnp.bfloat16, "pallas"), reference)
+  for leaf, error in pallas_bf16.items():
+    assert error <= 1.25 * xla_bf16[leaf] + 1e-3, leaf
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_window_attention_gradients_stay_finite_for_zero_queries(impl):
+  """An all-zero window gives q = k = 0 (zero biases at init): the 1e-6 clamp of the
+  norm applies and the gradients are finite, not NaN."""
+  module = decoder.WindowAttention(num_heads=2, window=(4, 4), attention_impl=impl)
+  x = jax.random.normal(jax.random.key(0), (1, 2, 16, 32)).at[0, 1].set(0.0)
+  params = module.init(jax.random.key(1), x)
+  grads = jax.grad(lambda p, x: jnp.sum(module.apply(p, x) ** 2), argnums=(0, 1))(params, x)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_pallas_window_attention_runs_on_each_devices_share_of_a_sharded_batch():
+  """Batch split over 4 devices and heads over 2: each device runs the kernels on its own
+  windows and heads (no all-gather of the activations), with the numbers of one device."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 1, 2),
+                           ("data", "fsdp", "model"))
+  batch, heads = ("data", "fsdp"), "model"
+  num_windows = 4
+  keys = jax.random.split(jax.random.key(0), 4)
+  qkv = jax.random.normal(keys[0], (8 * num_windows, 16, 3, 2, 16))
+  inv_tau = jnp.array([0.5, 1.5])
+  bias = jax.random.normal(keys[1], (2, 16, 16))
+  cotangent = jax.random.normal(keys[2], (8 * num_windows, 16, 2, 16))
+  mask = decoder.shift_attention_mask((8, 8), (4, 4), 2)
+
+  def loss(qkv, inv_tau, bias, cotangent):
+    out = window_attention_kernel.window_attention(qkv, inv_tau, bias, mask, num_windows)
+    return jnp.sum(out * cotangent)
+
+  value_and_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))
+  spec = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
+  activations, per_head = spec(batch, None, None, heads), spec(heads)
+  sharded = jax.jit(value_and_grads,
+                    in_shardings=(spec(batch, None, None, heads), per_head, per_head,
+                                  activations),
+                    out_shardings=(spec(), (spec(batch, None, None, heads), per_head,
+                                            per_head)))
+  args = (qkv, inv_tau, bias, cotangent)
+  assert "all-gather" not in sharded.lower(*args).compile().as_text()
+  for got, expected in zip(jax.tree.leaves(sharded(*args)),
+                           jax.tree.leaves(jax.jit(value_and_grads)(*args))):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_window_attention_lowers_to_triton_kernels_for_cuda(monkeypatch):
+  """On a GPU the decoder's window attention is one Triton kernel forward and one
+  backward per Swin block."""
+  monkeypatch.setattr(window_attention_kernel, "INTERPRET", False)
+  try:
+    text = _phase_step_text("encoder", "cuda", model={"dtype": "bfloat16"},
+                            decoder={"attention_impl": "pallas"})
+  except RuntimeError as e:  # newer jax lowers Triton only with a GPU (or an abstract one)
+    if "GPU" not in str(e):
+      raise
+    pytest.skip(str(e).splitlines()[0])
+  depth = audio_config.get_config("demo").model.decoder.depth
+  assert text.count("__gpu$xla.gpu.triton") == 2 * depth

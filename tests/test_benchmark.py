@@ -202,4 +202,4 @@ def test_attention_benchmark_times_every_shape_of_the_recipe(monkeypatch):
       ("global 65 tokens", "cudnn pad 2 -> 66"), ("global 65 tokens", "cudnn pad 64 -> 128"),
       ("global 64 tokens", "xla"), ("global 64 tokens", "cudnn pad 1 -> 64"),
       ("global 64 tokens", "cudnn pad 128 -> 128"),
-      ("decoder windows", "xla"), ("decoder windows", "cudnn")]
+      ("decoder windows", "xla"), ("decoder windows", "cudnn"), ("decoder windows", "pallas")]

@@ -33,6 +33,9 @@ def test_bf16_demo_run_matches_float32(tmp_path):
   for phase, result in report["phases"].items():
     assert result["within_noise"], (phase, result)
   assert min(report["code_agreement"]) > 0.9, report["code_agreement"]
+  # One step's bf16 gradients point the float32 way: a few percent off, not noise.
+  assert set(report["gradient_error"]) == {"encoder", "tokenizer"}
+  assert all(0 < e < 0.2 for e in report["gradient_error"].values()), report["gradient_error"]
   assert sorted(os.listdir(tmp_path / "runs")) == sorted(precision_check.RUNS)
   with pytest.raises(ValueError, match="already holds a run"):
     precision_check.run(config, str(tmp_path / "runs"), code_batch=32)

@@ -7,16 +7,18 @@ position bias and a cyclic shift along time only.
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridle_jax.models import attention, layers, masking, pos_embed
+from bridle_jax.models import attention, layers, masking, pos_embed, window_attention_kernel
 
 Dtype = Any
 
 SWIN_LN_EPS = 1e-5
 META_MLP_HIDDEN = 384
 SHIFT_MASK_VALUE = -100.0
+WINDOW_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 CUDNN_GROUP_TOKENS = 128    # cuDNN window attention: windows per sequence fill this many
 OUTSIDE_WINDOW = -1e9       # bias between tokens of different windows in one sequence
 
@@ -87,9 +89,10 @@ class MetaMlp(nn.Module):
 
 
 def _unit(x):
-  """x / max(|x|, 1e-6) along the last axis, in float32."""
+  """x / max(|x|, 1e-6) along the last axis, in float32 (zero gradient, not NaN, at x = 0)."""
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+  squared = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared, 1e-12))
 
 
 def windows_per_group(num_windows: int, window_tokens: int) -> int:
@@ -164,7 +167,8 @@ class WindowAttention(nn.Module):
   reference's q·k / max(|q||k|, 1e-6) / max(τ, 0.01) unless |q|, |k| or |q||k| falls
   below 1e-6) plus the meta-MLP bias and the shift mask, with scale 1: for 'xla' as one
   fused call with the windows folded into the batch, for 'cudnn' through
-  `grouped_window_attention`.
+  `grouped_window_attention`, for 'pallas' as `window_attention_kernel` (a GPU kernel;
+  interpreted, slowly, elsewhere).
   """
   num_heads: int
   window: Sequence[int]
@@ -176,22 +180,27 @@ class WindowAttention(nn.Module):
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
     """x: (B, windows, n, D); mask: NumPy (windows, n, n) additive or None."""
-    n, dim = x.shape[2:]
+    batch, num_windows, n, dim = x.shape
     qkv = layers.QKVProjection(self.num_heads, self.dtype, self.param_dtype, name="qkv")(x)
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
     tau = self.param("tau", layers.partitioned(nn.initializers.ones, "heads"),
                      (self.num_heads,), self.param_dtype)
     inv_tau = 1.0 / jnp.maximum(tau.astype(jnp.float32), 0.01)
-    q = (_unit(q) * inv_tau[:, None]).astype(self.dtype)
-    k = _unit(k).astype(self.dtype)
-
     bias = MetaMlp(self.num_heads, self.meta_mlp_dropout, param_dtype=self.param_dtype,
                    name="meta_mlp")(relative_coordinates_log(self.window), deterministic)
     bias = bias.T.reshape(self.num_heads, n, n)
-    if attention.resolve(self.attention_impl, q.dtype, q.shape[-1]) == "cudnn":
-      out = grouped_window_attention(q, k, v, bias, mask)
+
+    if self.attention_impl == "pallas":
+      out = window_attention_kernel.window_attention(
+          qkv.reshape(batch * num_windows, *qkv.shape[2:]), inv_tau, bias, mask, num_windows)
+      out = out.reshape(batch, num_windows, *out.shape[1:])
     else:
-      out = self._folded(q, k, v, bias, mask)
+      q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+      q = (_unit(q) * inv_tau[:, None]).astype(self.dtype)
+      k = _unit(k).astype(self.dtype)
+      if attention.resolve(self.attention_impl, q.dtype, q.shape[-1]) == "cudnn":
+        out = grouped_window_attention(q, k, v, bias, mask)
+      else:
+        out = self._folded(q, k, v, bias, mask)
     return layers.HeadsProjection(dim, self.dtype, self.param_dtype, name="proj")(out)
 
   def _folded(self, q, k, v, bias, mask):
@@ -277,7 +286,7 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "auto"         # global blocks (modes 0, 2, 3)
-  window_attention_impl: str = "xla"   # Swin blocks (mode 1)
+  window_attention_impl: str = "xla"   # Swin blocks (mode 1): WINDOW_IMPLEMENTATIONS
   remat: str = "none"                  # see layers.REMAT_POLICIES
 
   @nn.compact
