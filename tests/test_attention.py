@@ -305,12 +305,10 @@ def test_pallas_window_attention_runs_on_each_devices_share_of_a_sharded_batch()
 
   value_and_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))
   spec = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
-  activations, per_head = spec(batch, None, None, heads), spec(heads)
-  sharded = jax.jit(value_and_grads,
-                    in_shardings=(spec(batch, None, None, heads), per_head, per_head,
-                                  activations),
-                    out_shardings=(spec(), (spec(batch, None, None, heads), per_head,
-                                            per_head)))
+  per_qkv, per_out, per_head = (spec(batch, None, None, heads), spec(batch, None, heads),
+                                spec(heads))
+  sharded = jax.jit(value_and_grads, in_shardings=(per_qkv, per_head, per_head, per_out),
+                    out_shardings=(spec(), (per_qkv, per_head, per_head)))
   args = (qkv, inv_tau, bias, cotangent)
   assert "all-gather" not in sharded.lower(*args).compile().as_text()
   for got, expected in zip(jax.tree.leaves(sharded(*args)),
