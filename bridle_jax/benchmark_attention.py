@@ -6,8 +6,8 @@ Cases: global attention at the sequence lengths of the masked encoder (CLS + vis
 patches), the full-input ViTs (CLS + all patches) and the estimator (all patches), with
 XLA and, on a GPU, cuDNN for each padding multiple in --pads; and the decoder's shifted
 window attention (`decoder.WindowAttention`, meta-MLP bias and shift mask included) with
-XLA and, on a GPU, grouped cuDNN and the Pallas kernel. Inputs are random, in the config's
-dtype; each time is the median over --repeats loops of --steps calls, in ms per call. A
+XLA and, on a GPU, grouped cuDNN and the Pallas kernel, and the kernel alone with each
+size of Triton program in KERNEL_TILINGS. Inputs are random, in the config's dtype; each time is the median over --repeats loops of --steps calls, in ms per call. A
 variant the backend refuses is listed with its error. The fastest padding is what
 `attention.CUDNN_BLOCK` should be on that GPU.
 """
@@ -20,7 +20,12 @@ from ml_collections import config_flags
 from bridle_jax import benchmark
 from bridle_jax.models import attention
 from bridle_jax.models import decoder as decoder_lib
+from bridle_jax.models import window_attention_kernel
 from bridle_jax.train import state as state_lib
+
+
+# (windows per program, warps per program) of the Pallas window kernel to time.
+KERNEL_TILINGS = ((4, 2), (8, 2), (8, 4), (16, 4))
 
 
 def _define_flags():
@@ -74,6 +79,27 @@ def _window_case(batch, dec, grid, dtype, implementation):
   return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)
 
 
+def _kernel_case(batch, dec, grid, dtype, windows_per_program, num_warps):
+  """(jitted fwd+bwd, args) of the Pallas window kernel alone on a random fused qkv."""
+  window = tuple(dec.window)
+  num_windows = (grid[0] // window[0]) * (grid[1] // window[1])
+  n, heads = window[0] * window[1], dec.num_heads
+  keys = jax.random.split(jax.random.key(2), 3)
+  qkv = jax.random.normal(keys[0], (batch * num_windows, n, 3, heads, dec.width // heads),
+                          dtype)
+  bias = jax.random.normal(keys[1], (heads, n, n))
+  cotangent = jax.random.normal(keys[2], (qkv.shape[0], n, heads, qkv.shape[-1]), dtype)
+  mask = decoder_lib.shift_attention_mask(grid, window, dec.shift)
+
+  def loss(qkv, inv_tau, bias):
+    out = window_attention_kernel.window_attention(
+        qkv, inv_tau, bias, mask, num_windows, windows_per_program=windows_per_program,
+        num_warps=num_warps)
+    return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32))
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (qkv, jnp.ones((heads,)), bias)
+
+
 def cases(config, batch: int, pads) -> list[tuple[str, str, object]]:
   """(shape label, variant label, thunk building (fn, args)) for every case."""
   models = state_lib.build_models(config)
@@ -105,6 +131,11 @@ def cases(config, batch: int, pads) -> list[tuple[str, str, object]]:
     for impl in decoder_lib.WINDOW_IMPLEMENTATIONS if on_gpu else ("xla",):
       out.append((f"decoder windows {tuple(dec.window)}, shifted", impl,
                   lambda impl=impl: _window_case(batch, dec, grid, dtype, impl)))
+    for windows, warps in KERNEL_TILINGS if on_gpu else ():
+      out.append((f"decoder windows {tuple(dec.window)}, kernel only",
+                  f"pallas {windows} windows, {warps} warps",
+                  lambda windows=windows, warps=warps: _kernel_case(
+                      batch, dec, grid, dtype, windows, warps)))
   return out
 
 

@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from bridle_jax import benchmark
 from bridle_jax.data import demo
+from bridle_jax.models import window_attention_kernel
 from configs import audio as audio_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,4 +204,12 @@ def test_attention_benchmark_times_every_shape_of_the_recipe(monkeypatch):
       ("global 65 tokens", "cudnn pad 2 -> 66"), ("global 65 tokens", "cudnn pad 64 -> 128"),
       ("global 64 tokens", "xla"), ("global 64 tokens", "cudnn pad 1 -> 64"),
       ("global 64 tokens", "cudnn pad 128 -> 128"),
-      ("decoder windows", "xla"), ("decoder windows", "cudnn"), ("decoder windows", "pallas")]
+      ("decoder windows", "xla"), ("decoder windows", "cudnn"), ("decoder windows", "pallas")] + [
+      ("decoder windows", f"pallas {g} windows, {w} warps")
+      for g, w in benchmark_attention.KERNEL_TILINGS]
+  # The Pallas cases build and run (the kernels interpreted on this CPU).
+  monkeypatch.setattr(window_attention_kernel, "INTERPRET", True)
+  for _, variant, build in benchmark_attention.cases(config, 2, [1]):
+    if variant in ("pallas", "pallas 16 windows, 4 warps"):
+      fn, args = build()
+      assert all(np.isfinite(g).all() for g in jax.tree.leaves(fn(*args)))

@@ -14,6 +14,7 @@ and k̂ = k / max(|k|, 1e-6) in float32, cast to the compute dtype for the logit
 logits and softmax in float32, probabilities cast to the compute dtype for the sum over v.
 """
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,12 +38,21 @@ def unsupported_reason(window_tokens: int, head_dim: int) -> str | None:
   return None
 
 
-def _windows_per_program(num_windows: int) -> int:
-  """The largest power of two up to WINDOWS_PER_PROGRAM dividing the windows per sample."""
-  g = WINDOWS_PER_PROGRAM
+class Plan(NamedTuple):
+  """A call's static layout: windows per sample, windows per program, warps per program."""
+  num_windows: int
+  windows: int
+  num_warps: int
+
+
+def _plan(num_windows: int, windows_per_program: int, num_warps: int) -> Plan:
+  """Takes the largest power of two up to `windows_per_program` dividing num_windows."""
+  if windows_per_program < 1 or windows_per_program & (windows_per_program - 1):
+    raise ValueError(f"windows_per_program must be a power of two, got {windows_per_program}")
+  g = windows_per_program
   while num_windows % g:
     g //= 2
-  return g
+  return Plan(num_windows, g, num_warps)
 
 
 def _unit(x):
@@ -110,10 +120,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, tau_ref, bias_ref, mask_ref, out_ref, 
   dtau_ref[...] = dtau
 
 
-def _specs(qkv_shape, num_windows: int, windows: int):
+def _specs(qkv_shape, plan: Plan):
   """Block specs of the kernels' operands on a (programs over windows, heads) grid."""
   _, n, _, _, head_dim = qkv_shape
-  mask_blocks = num_windows // windows
+  windows, mask_blocks = plan.windows, plan.num_windows // plan.windows
 
   def qkv_part(part):
     return pl.BlockSpec((windows, n, None, None, head_dim), lambda i, h: (i, 0, part, h, 0))
@@ -129,12 +139,12 @@ def _specs(qkv_shape, num_windows: int, windows: int):
       partial_tau=pl.BlockSpec((None, None, n), lambda i, h: (i, h, 0)))
 
 
-def _call(kernel, windows, grid, in_specs, out_specs, out_shape):
+def _call(kernel, plan: Plan, grid, in_specs, out_specs, out_shape):
   return pl.pallas_call(
-      functools.partial(kernel, windows=windows), grid=grid, in_specs=in_specs,
+      functools.partial(kernel, windows=plan.windows), grid=grid, in_specs=in_specs,
       out_specs=out_specs, out_shape=out_shape,
       interpret=jax.default_backend() != "gpu" if INTERPRET is None else INTERPRET,
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1))
+      compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=1))
 
 
 # Axes of the kernels' operands and results. "windows" (S = batch x windows) and
@@ -155,16 +165,16 @@ _SPLIT = ("windows", "programs", "heads")
 
 
 def _partitioned(fn, axes):
-  """fn(*arrays, num_windows) as an op that each device runs on its own share of the
+  """fn(*arrays, plan) as an op that each device runs on its own share of the
   windows and heads (as the operands are sharded), instead of on the whole batch."""
   arg_axes, result_axes = axes
   op = custom_partitioning(fn, static_argnums=(len(arg_axes),))
 
-  def partition(num_windows, mesh, arg_shapes, result_shapes):
+  def partition(plan, mesh, arg_shapes, result_shapes):
     spec = tuple(arg_shapes[0].sharding.spec) + (None,) * 5
     mesh_axes = {"windows": spec[0], "programs": spec[0], "heads": spec[3]}
     shard = lambda names: NamedSharding(mesh, PartitionSpec(*map(mesh_axes.get, names)))
-    return (mesh, lambda *arrays: fn(*arrays, num_windows),
+    return (mesh, lambda *arrays: fn(*arrays, plan),
             tuple(map(shard, result_axes)), tuple(map(shard, arg_axes)))
 
   # Windows and programs are one factor: s (programs) times g (windows per program).
@@ -175,34 +185,32 @@ def _partitioned(fn, axes):
   whole = [a for names in arg_axes + result_axes for a in names if a not in _SPLIT]
   whole = tuple(dict.fromkeys((["g"] if per_program else []) + whole))  # first-use order
 
-  def sharding_rule(num_windows, mesh, arg_types, result_types):
-    sizes = dict(g=_windows_per_program(num_windows)) if per_program else {}
+  def sharding_rule(plan, mesh, arg_types, result_types):
+    sizes = dict(g=plan.windows) if per_program else {}
     return rule, dict(need_replication_factors=whole, **sizes)
 
   op.def_partition(partition, sharding_rule=sharding_rule)
   return op
 
 
-def _forward_call(qkv, tau_rows, bias, mask, num_windows):
+def _forward_call(qkv, tau_rows, bias, mask, plan):
   sequences, n, _, heads, head_dim = qkv.shape
-  windows = _windows_per_program(num_windows)
-  s = _specs(qkv.shape, num_windows, windows)
+  s = _specs(qkv.shape, plan)
   return _call(
-      _forward_kernel, windows, (sequences // windows, heads),
+      _forward_kernel, plan, (sequences // plan.windows, heads),
       [s["q"], s["k"], s["v"], s["tau"], s["bias"], s["mask"]], [s["heads"], s["lse"]],
       [jax.ShapeDtypeStruct((sequences, n, heads, head_dim), qkv.dtype),
        jax.ShapeDtypeStruct((sequences, heads, n), jnp.float32)])(
            qkv, qkv, qkv, tau_rows, bias, mask)
 
 
-def _backward_call(qkv, tau_rows, bias, mask, out, lse, dout, num_windows):
+def _backward_call(qkv, tau_rows, bias, mask, out, lse, dout, plan):
   sequences, n, _, heads, head_dim = qkv.shape
-  windows = _windows_per_program(num_windows)
-  programs = sequences // windows
-  s = _specs(qkv.shape, num_windows, windows)
+  programs = sequences // plan.windows
+  s = _specs(qkv.shape, plan)
   grad = jax.ShapeDtypeStruct((sequences, n, heads, head_dim), qkv.dtype)
   return _call(
-      _backward_kernel, windows, (programs, heads),
+      _backward_kernel, plan, (programs, heads),
       [s["q"], s["k"], s["v"], s["tau"], s["bias"], s["mask"], s["heads"], s["lse"],
        s["heads"]],
       [s["heads"], s["heads"], s["heads"], s["partial_tau"], s["partial_bias"]],
@@ -216,19 +224,19 @@ _backward_op = _partitioned(_backward_call, _BACKWARD_AXES)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(qkv, tau_rows, bias, mask, num_windows):
-  return _forward_op(qkv, tau_rows, bias, mask, num_windows)[0]
+def _attention(qkv, tau_rows, bias, mask, plan):
+  return _forward_op(qkv, tau_rows, bias, mask, plan)[0]
 
 
-def _attention_forward(qkv, tau_rows, bias, mask, num_windows):
-  out, lse = _forward_op(qkv, tau_rows, bias, mask, num_windows)
+def _attention_forward(qkv, tau_rows, bias, mask, plan):
+  out, lse = _forward_op(qkv, tau_rows, bias, mask, plan)
   return out, (qkv, tau_rows, bias, mask, out, lse)
 
 
-def _attention_backward(num_windows, residuals, dout):
+def _attention_backward(plan, residuals, dout):
   qkv, tau_rows, bias, mask, out, lse = residuals
   dq, dk, dv, dtau, dbias = _backward_op(qkv, tau_rows, bias, mask, out, lse,
-                                         dout.astype(qkv.dtype), num_windows)
+                                         dout.astype(qkv.dtype), plan)
   return (jnp.stack([dq, dk, dv], axis=2), jnp.sum(dtau, axis=0), jnp.sum(dbias, axis=0),
           jnp.zeros_like(mask))
 
@@ -236,14 +244,17 @@ def _attention_backward(num_windows, residuals, dout):
 _attention.defvjp(_attention_forward, _attention_backward)
 
 
-def window_attention(qkv, inv_tau, bias, mask, num_windows: int):
+def window_attention(qkv, inv_tau, bias, mask, num_windows: int, *,
+                     windows_per_program: int = WINDOWS_PER_PROGRAM,
+                     num_warps: int = NUM_WARPS):
   """Scaled cosine attention inside each window, fused.
 
   qkv: (S, n, 3, heads, head_dim) un-normalised projections of S = batch x num_windows
   windows of n tokens, sample-major; inv_tau: (heads,) 1 / max(τ, 0.01); bias: (heads, n, n)
   additive logits; mask: NumPy (num_windows, n, n) additive or None, window s taking
   mask[s % num_windows]. Returns (S, n, heads, head_dim) in qkv's dtype; differentiable in
-  qkv, inv_tau and bias.
+  qkv, inv_tau and bias. `windows_per_program` (a power of two; lowered until it divides
+  num_windows) and `num_warps` set the Triton programs' size.
   """
   sequences, n, parts, heads, head_dim = qkv.shape
   reason = unsupported_reason(n, head_dim)
@@ -259,4 +270,4 @@ def window_attention(qkv, inv_tau, bias, mask, num_windows: int):
     mask = np.zeros((num_windows, n, n), np.float32)
   tau_rows = jnp.broadcast_to(inv_tau.astype(jnp.float32)[:, None], (heads, n))
   return _attention(qkv, tau_rows, bias.astype(jnp.float32), jnp.asarray(mask, jnp.float32),
-                    num_windows)
+                    _plan(num_windows, windows_per_program, num_warps))
