@@ -25,7 +25,7 @@ from bridle_jax.train import state as state_lib
 
 
 # (windows per program, warps per program) of the Pallas window kernel to time.
-KERNEL_TILINGS = ((4, 2), (8, 2), (8, 4), (16, 4))
+KERNEL_TILINGS = ((4, 1), (8, 1), (8, 2), (8, 4), (16, 2))
 
 
 def _define_flags():
@@ -85,16 +85,15 @@ def _kernel_case(batch, dec, grid, dtype, windows_per_program, num_warps):
   num_windows = (grid[0] // window[0]) * (grid[1] // window[1])
   n, heads = window[0] * window[1], dec.num_heads
   keys = jax.random.split(jax.random.key(2), 3)
-  qkv = jax.random.normal(keys[0], (batch * num_windows, n, 3, heads, dec.width // heads),
+  qkv = jax.random.normal(keys[0], (batch, num_windows, n, 3, heads, dec.width // heads),
                           dtype)
   bias = jax.random.normal(keys[1], (heads, n, n))
-  cotangent = jax.random.normal(keys[2], (qkv.shape[0], n, heads, qkv.shape[-1]), dtype)
+  cotangent = jax.random.normal(keys[2], (batch, num_windows, n, heads, qkv.shape[-1]), dtype)
   mask = decoder_lib.shift_attention_mask(grid, window, dec.shift)
 
   def loss(qkv, inv_tau, bias):
     out = window_attention_kernel.window_attention(
-        qkv, inv_tau, bias, mask, num_windows, windows_per_program=windows_per_program,
-        num_warps=num_warps)
+        qkv, inv_tau, bias, mask, windows_per_program=windows_per_program, num_warps=num_warps)
     return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32))
 
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (qkv, jnp.ones((heads,)), bias)

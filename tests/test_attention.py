@@ -287,32 +287,36 @@ def test_window_attention_gradients_stay_finite_for_zero_queries(impl):
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
-def test_pallas_window_attention_runs_on_each_devices_share_of_a_sharded_batch():
-  """Batch split over 4 devices and heads over 2: each device runs the kernels on its own
-  windows and heads (no all-gather of the activations), with the numbers of one device."""
+@pytest.mark.parametrize("split_windows", [False, True], ids=["samples", "windows"])
+def test_pallas_window_attention_runs_on_each_devices_share_of_a_sharded_batch(split_windows):
+  """Samples split over 4 devices and heads over 2: each device runs the kernels on its
+  own samples and heads (no all-gather of the activations), with the numbers of one
+  device. Operands split inside a sample (a window's shift mask depends on its place in
+  the sample) are regathered into whole samples first: still the same numbers."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 1, 2),
                            ("data", "fsdp", "model"))
-  batch, heads = ("data", "fsdp"), "model"
-  num_windows = 4
+  data, heads = ("data", "fsdp"), "model"
   keys = jax.random.split(jax.random.key(0), 4)
-  qkv = jax.random.normal(keys[0], (8 * num_windows, 16, 3, 2, 16))
+  qkv = jax.random.normal(keys[0], (8, 4, 16, 3, 2, 16))  # 8 samples of 4 windows
   inv_tau = jnp.array([0.5, 1.5])
   bias = jax.random.normal(keys[1], (2, 16, 16))
-  cotangent = jax.random.normal(keys[2], (8 * num_windows, 16, 2, 16))
-  mask = decoder.shift_attention_mask((8, 8), (4, 4), 2)
+  cotangent = jax.random.normal(keys[2], (8, 4, 16, 2, 16))
+  mask = decoder.shift_attention_mask((8, 8), (4, 4), 2)  # differs between the 4 windows
 
   def loss(qkv, inv_tau, bias, cotangent):
-    out = window_attention_kernel.window_attention(qkv, inv_tau, bias, mask, num_windows)
+    out = window_attention_kernel.window_attention(qkv, inv_tau, bias, mask)
     return jnp.sum(out * cotangent)
 
   value_and_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))
   spec = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
-  per_qkv, per_out, per_head = (spec(batch, None, None, heads), spec(batch, None, heads),
-                                spec(heads))
+  samples, windows = (None, data) if split_windows else (data, None)
+  per_qkv, per_out, per_head = (spec(samples, windows, None, None, heads),
+                                spec(samples, windows, None, heads), spec(heads))
   sharded = jax.jit(value_and_grads, in_shardings=(per_qkv, per_head, per_head, per_out),
                     out_shardings=(spec(), (per_qkv, per_head, per_head)))
   args = (qkv, inv_tau, bias, cotangent)
-  assert "all-gather" not in sharded.lower(*args).compile().as_text()
+  if not split_windows:
+    assert "all-gather" not in sharded.lower(*args).compile().as_text()
   for got, expected in zip(jax.tree.leaves(sharded(*args)),
                            jax.tree.leaves(jax.jit(value_and_grads)(*args))):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -180,7 +180,7 @@ class WindowAttention(nn.Module):
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
     """x: (B, windows, n, D); mask: NumPy (windows, n, n) additive or None."""
-    batch, num_windows, n, dim = x.shape
+    n, dim = x.shape[2:]
     qkv = layers.QKVProjection(self.num_heads, self.dtype, self.param_dtype, name="qkv")(x)
     tau = self.param("tau", layers.partitioned(nn.initializers.ones, "heads"),
                      (self.num_heads,), self.param_dtype)
@@ -190,9 +190,7 @@ class WindowAttention(nn.Module):
     bias = bias.T.reshape(self.num_heads, n, n)
 
     if self.attention_impl == "pallas":
-      out = window_attention_kernel.window_attention(
-          qkv.reshape(batch * num_windows, *qkv.shape[2:]), inv_tau, bias, mask, num_windows)
-      out = out.reshape(batch, num_windows, *out.shape[1:])
+      out = window_attention_kernel.window_attention(qkv, inv_tau, bias, mask)
     else:
       q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
       q = (_unit(q) * inv_tau[:, None]).astype(self.dtype)
