@@ -63,15 +63,20 @@ def _global_case(batch, length, heads, head_dim, dtype, implementation, pad_to):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, k, v)
 
 
-def _window_case(batch, dec, grid, dtype, implementation):
-  """(jitted fwd+bwd, args) of the shifted window attention on random windows."""
+def _shifted_windows(dec, grid):
+  """(window, windows per sample, tokens per window, shift mask) of the decoder config."""
   window = tuple(dec.window)
   num_windows = (grid[0] // window[0]) * (grid[1] // window[1])
+  return (window, num_windows, window[0] * window[1],
+          decoder_lib.shift_attention_mask(grid, window, dec.shift))
+
+
+def _window_case(batch, dec, grid, dtype, implementation):
+  """(jitted fwd+bwd, args) of the shifted window attention on random windows."""
+  window, num_windows, n, mask = _shifted_windows(dec, grid)
   module = decoder_lib.WindowAttention(dec.num_heads, window, dtype=dtype,
                                        attention_impl=implementation)
-  x = jax.random.normal(jax.random.key(1), (batch, num_windows, window[0] * window[1],
-                                            dec.width), dtype)
-  mask = decoder_lib.shift_attention_mask(grid, window, dec.shift)
+  x = jax.random.normal(jax.random.key(1), (batch, num_windows, n, dec.width), dtype)
   params = jax.jit(module.init)(jax.random.key(0), x[:1], mask)
 
   def loss(params, x):
@@ -82,15 +87,13 @@ def _window_case(batch, dec, grid, dtype, implementation):
 
 def _kernel_case(batch, dec, grid, dtype, windows_per_program, num_warps):
   """(jitted fwd+bwd, args) of the Pallas window kernel alone on a random fused qkv."""
-  window = tuple(dec.window)
-  num_windows = (grid[0] // window[0]) * (grid[1] // window[1])
-  n, heads = window[0] * window[1], dec.num_heads
+  _, num_windows, n, mask = _shifted_windows(dec, grid)
+  heads = dec.num_heads
   keys = jax.random.split(jax.random.key(2), 3)
   qkv = jax.random.normal(keys[0], (batch, num_windows, n, 3, heads, dec.width // heads),
                           dtype)
   bias = jax.random.normal(keys[1], (heads, n, n))
   cotangent = jax.random.normal(keys[2], (batch, num_windows, n, heads, qkv.shape[-1]), dtype)
-  mask = decoder_lib.shift_attention_mask(grid, window, dec.shift)
 
   def loss(qkv, inv_tau, bias):
     out = window_attention_kernel.window_attention(

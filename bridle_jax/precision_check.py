@@ -97,6 +97,10 @@ def code_agreement(models, low_models, pretrained, x) -> list[float]:
   return same.mean(axis=(0, 2)).tolist()
 
 
+def _squared_norm(leaves) -> float:
+  return sum(float(np.sum(np.square(np.float64(g)))) for g in leaves)
+
+
 def gradient_error(models, low_models, pretrained, x) -> dict:
   """Per phase loss, |g_bf16 - g_f32| / |g_f32| over all parameters (same batch and mask)."""
   losses = {"encoder": functools.partial(steps.encoder_phase_loss, cold_start=False),
@@ -106,9 +110,8 @@ def gradient_error(models, low_models, pretrained, x) -> dict:
     grads = [jax.tree.leaves(jax.jit(jax.grad(
         lambda p, m=m: loss_fn(m, p, pretrained["codebooks"], x, jax.random.key(0))[0]))(
             pretrained["params"])) for m in (models, low_models)]
-    squared = lambda leaves: sum(float(np.sum(np.square(np.float64(g)))) for g in leaves)
-    difference = squared([g32 - g16 for g32, g16 in zip(*grads)])
-    errors[phase] = float(np.sqrt(difference / squared(grads[0])))
+    difference = _squared_norm([g32 - g16 for g32, g16 in zip(*grads)])
+    errors[phase] = float(np.sqrt(difference / _squared_norm(grads[0])))
   return errors
 
 

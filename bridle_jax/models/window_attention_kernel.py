@@ -294,6 +294,7 @@ def window_attention(qkv, inv_tau, bias, mask, *,
   plan = _plan(num_windows, windows_per_program, num_warps, has_mask=mask is not None)
   if mask is None:
     mask = np.zeros((num_windows, n, n), np.float32)
+  # 1/τ as one row of n per head: Triton blocks are vectors of at least 16, not scalars.
   tau_rows = jnp.broadcast_to(inv_tau.astype(jnp.float32)[:, None], (heads, n))
   return _attention(qkv, tau_rows, bias.astype(jnp.float32), jnp.asarray(mask, jnp.float32),
                     plan)
