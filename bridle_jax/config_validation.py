@@ -79,9 +79,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f"{m.patch_size}, got {m.pos_table_frames}")
   _one_of(config, "model.attention_impl", attention.IMPLEMENTATIONS)
   _one_of(config, "model.remat", tuple(layers.REMAT_POLICIES))
-  for field in ("model.attention_impl", "model.decoder.attention_impl"):
-    _require(_get(config, field) != "cudnn" or m.dtype == "bfloat16", field,
-             f"'cudnn' needs model.dtype='bfloat16', got {m.dtype!r}")
+  _require(m.attention_impl != "cudnn" or m.dtype == "bfloat16", "model.attention_impl",
+           f"'cudnn' needs model.dtype='bfloat16', got {m.dtype!r}")
   _require(m.width % m.num_heads == 0, "model.width",
            f"{m.width} is not divisible by model.num_heads={m.num_heads}")
   _require(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", f"must lie in [0, 1), got {m.mask_ratio}")
@@ -101,9 +100,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(0 <= dec.shift < dec.window[0], "model.decoder.shift",
              f"must lie in [0, window[0]={dec.window[0]}), got {dec.shift}")
     window_tokens = dec.window[0] * dec.window[1]
-    _require(dec.attention_impl != "cudnn" or window_tokens % 2 == 0,
-             "model.decoder.attention_impl", f"'cudnn' needs an even number of tokens per "
-             f"window (trained with a bias), model.decoder.window gives {window_tokens}")
     reason = window_attention_kernel.unsupported_reason(window_tokens, dec.width // dec.num_heads)
     _require(dec.attention_impl != "pallas" or reason is None, "model.decoder.attention_impl",
              f"'pallas': {reason} (model.decoder.window, width / num_heads)")

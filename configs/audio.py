@@ -82,7 +82,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   dec.shift = 2
   dec.no_shift = False
   dec.meta_mlp_dropout = 0.1
-  dec.attention_impl = "xla"   # Swin window attention: xla | cudnn | pallas (GPU kernel)
+  dec.attention_impl = "auto"  # windows: auto (Pallas on GPU with bf16, else XLA) | xla | pallas
   m.tokenizer = tok = ml_collections.ConfigDict()
   tok.estimator_depth = 3
   m.quantizer = q = ml_collections.ConfigDict()

@@ -206,18 +206,19 @@ def test_load_pretrained_reads_the_last_finished_phase(uninterrupted):
 
 
 def test_load_pretrained_drops_the_runs_speed_settings(uninterrupted, tmp_path):
-  """A run trained with cuDNN attention and remat embeds anywhere, without remat."""
+  """A run trained with cuDNN attention, the window kernel and remat embeds anywhere,
+  without remat."""
   copy = tmp_path / "run"
   shutil.copytree(uninterrupted, copy)
   saved = json.loads((copy / "config.json").read_text())
   saved["model"].update(attention_impl="cudnn", remat="full")
-  saved["model"]["decoder"]["attention_impl"] = "cudnn"
+  saved["model"]["decoder"]["attention_impl"] = "pallas"
   (copy / "config.json").write_text(json.dumps(saved))
   config, models, _ = workdir_lib.load_pretrained(str(copy))
   assert (config.model.attention_impl, config.model.remat) == ("auto", "none")
-  assert config.model.decoder.attention_impl == "xla"
+  assert config.model.decoder.attention_impl == "auto"
   assert (models.encoder.attention_impl, models.encoder.remat) == ("auto", "none")
-  assert models.decoder.window_attention_impl == "xla"
+  assert models.decoder.window_attention_impl == "auto"
 
 
 def _wait_for(path, timeout=300):

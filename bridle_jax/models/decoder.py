@@ -18,9 +18,7 @@ Dtype = Any
 SWIN_LN_EPS = 1e-5
 META_MLP_HIDDEN = 384
 SHIFT_MASK_VALUE = -100.0
-WINDOW_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
-CUDNN_GROUP_TOKENS = 128    # cuDNN window attention: windows per sequence fill this many
-OUTSIDE_WINDOW = -1e9       # bias between tokens of different windows in one sequence
+WINDOW_IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
 def _swin_layer_norm(dtype, param_dtype, name):
@@ -95,69 +93,17 @@ def _unit(x):
   return x * jax.lax.rsqrt(jnp.maximum(squared, 1e-12))
 
 
-def windows_per_group(num_windows: int, window_tokens: int) -> int:
-  """The most windows (a divisor of num_windows) whose tokens fit `CUDNN_GROUP_TOKENS`."""
-  fits = [g for g in range(1, num_windows + 1)
-          if num_windows % g == 0 and g * window_tokens <= CUDNN_GROUP_TOKENS]
-  return max(fits, default=1)
+def resolve_window_impl(implementation: str, dtype, window_tokens: int, head_dim: int) -> str:
+  """The concrete window attention ('xla' or 'pallas') for `dtype` on the default backend.
 
-
-def _block_diagonal(blocks):
-  """(g, n, n) -> (g·n, g·n) with the blocks on the diagonal and zeros elsewhere."""
-  g, n, _ = blocks.shape
-  out = np.zeros((g * n, g * n), blocks.dtype)
-  for i, block in enumerate(blocks):
-    out[i * n:(i + 1) * n, i * n:(i + 1) * n] = block
-  return out
-
-
-def _select_windows(t, windows):
-  """t[:, windows] for static indices, as a slice where the windows are consecutive."""
-  if np.array_equal(windows, np.arange(windows[0], windows[-1] + 1)):
-    return t[:, windows[0]:windows[-1] + 1]
-  return t[:, windows]
-
-
-def grouped_window_attention(q, k, v, bias, mask):
-  """Window attention as cuDNN flash attention over groups of windows.
-
-  q, k, v: (B, windows, n, heads, head_dim); bias: (heads, n, n) float32; mask: NumPy
-  (windows, n, n) additive or None. cuDNN is slow on 16-token sequences, so
-  `windows_per_group` consecutive windows form one sequence of about 128 tokens whose
-  bias is the window bias on the diagonal blocks and `OUTSIDE_WINDOW` between windows
-  (softmax weights exactly 0 there). Groups whose windows carry no shift mask share one
-  (1, heads, T, T) bias; each masked group is a call of its own.
+  'auto' takes the Pallas kernel on a GPU for 16-bit dtypes and shapes it supports (where
+  it was timed: half the time of XLA's form on an H100), XLA everywhere else.
   """
-  batch, num_windows, n, heads, head_dim = q.shape
-  mask = None if mask is None else np.asarray(mask)
-  per_group = windows_per_group(num_windows, n)
-  tokens = per_group * n
-  same_window = _block_diagonal(np.ones((per_group, n, n), bool))
-  tiled = jnp.tile(bias, (1, per_group, per_group))
-  groups = [range(j * per_group, (j + 1) * per_group) for j in range(num_windows // per_group)]
-  if mask is None:
-    calls = [(groups, None)]
-  else:
-    masked = [g for g in groups if np.any(mask[g.start:g.stop])]
-    plain = [g for g in groups if g not in masked]
-    calls = ([(plain, None)] if plain else []) + [([g], g) for g in masked]
-  outputs, order = [], []
-  for members, masked_group in calls:
-    group_bias = tiled
-    if masked_group is not None:
-      group_bias = group_bias + _block_diagonal(mask[masked_group.start:masked_group.stop])
-    group_bias = jnp.where(same_window, group_bias, OUTSIDE_WINDOW)[None]
-    windows = np.concatenate([np.asarray(g) for g in members])
-    order.append(windows)
-    q_s, k_s, v_s = (_select_windows(t, windows).reshape(batch * len(members), tokens, heads,
-                                                        head_dim) for t in (q, k, v))
-    out = attention.attend(q_s, k_s, v_s, "cudnn", bias=group_bias, scale=1.0, pad_to=1)
-    outputs.append(out.reshape(batch, len(windows), n, heads, head_dim))
-  out = jnp.concatenate(outputs, axis=1)
-  order = np.concatenate(order)
-  if np.any(order != np.arange(num_windows)):
-    out = out[:, np.argsort(order)]
-  return out
+  if implementation != "auto":
+    return implementation
+  fits = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and window_attention_kernel.unsupported_reason(window_tokens, head_dim) is None)
+  return "pallas" if jax.default_backend() == "gpu" and fits else "xla"
 
 
 class WindowAttention(nn.Module):
@@ -166,16 +112,16 @@ class WindowAttention(nn.Module):
   Logits q̂·k̂ / max(τ, 0.01) of unit vectors q̂ = q / max(|q|, 1e-6) (equal to the
   reference's q·k / max(|q||k|, 1e-6) / max(τ, 0.01) unless |q|, |k| or |q||k| falls
   below 1e-6) plus the meta-MLP bias and the shift mask, with scale 1: for 'xla' as one
-  fused call with the windows folded into the batch, for 'cudnn' through
-  `grouped_window_attention`, for 'pallas' as `window_attention_kernel` (a GPU kernel;
-  interpreted, slowly, elsewhere).
+  fused call with the windows folded into the batch, for 'pallas' as
+  `window_attention_kernel` (a GPU kernel; interpreted, slowly, elsewhere); 'auto' picks
+  one by `resolve_window_impl`.
   """
   num_heads: int
   window: Sequence[int]
   meta_mlp_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
@@ -189,16 +135,13 @@ class WindowAttention(nn.Module):
                    name="meta_mlp")(relative_coordinates_log(self.window), deterministic)
     bias = bias.T.reshape(self.num_heads, n, n)
 
-    if self.attention_impl == "pallas":
+    if resolve_window_impl(self.attention_impl, qkv.dtype, n, qkv.shape[-1]) == "pallas":
       out = window_attention_kernel.window_attention(qkv, inv_tau, bias, mask)
     else:
       q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
       q = (_unit(q) * inv_tau[:, None]).astype(self.dtype)
       k = _unit(k).astype(self.dtype)
-      if attention.resolve(self.attention_impl, q.dtype, q.shape[-1]) == "cudnn":
-        out = grouped_window_attention(q, k, v, bias, mask)
-      else:
-        out = self._folded(q, k, v, bias, mask)
+      out = self._folded(q, k, v, bias, mask)
     return layers.HeadsProjection(dim, self.dtype, self.param_dtype, name="proj")(out)
 
   def _folded(self, q, k, v, bias, mask):
@@ -212,8 +155,7 @@ class WindowAttention(nn.Module):
     if mask is not None:  # a different mask per window: one bias row per (sample, window)
       bias = bias + mask[:, None]
       bias = fold(jnp.broadcast_to(bias, (batch, num_windows, *bias.shape[1:])))
-    out = attention.attend(fold(q), fold(k), fold(v), self.attention_impl, bias=bias,
-                           scale=1.0, pad_to=1)
+    out = attention.attend(fold(q), fold(k), fold(v), "xla", bias=bias, scale=1.0)
     return out.reshape(q.shape)
 
 
@@ -230,7 +172,7 @@ class SwinBlock(nn.Module):
   meta_mlp_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -284,7 +226,7 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "auto"         # global blocks (modes 0, 2, 3)
-  window_attention_impl: str = "xla"   # Swin blocks (mode 1): WINDOW_IMPLEMENTATIONS
+  window_attention_impl: str = "auto"  # Swin blocks (mode 1): WINDOW_IMPLEMENTATIONS
   remat: str = "none"                  # see layers.REMAT_POLICIES
 
   @nn.compact
@@ -336,5 +278,5 @@ def decoder_from_config(model_cfg, grid: Sequence[int], num_tokens: int) -> Deco
       window=tuple(dec.window), shift=dec.shift, no_shift=dec.no_shift,
       meta_mlp_dropout=dec.meta_mlp_dropout, pos_grid=model_cfg.pos_grid,
       dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get("attention_impl", "auto"),
-      window_attention_impl=dec.get("attention_impl", "xla"),
+      window_attention_impl=dec.get("attention_impl", "auto"),
       remat=model_cfg.get("remat", "none"))
