@@ -32,30 +32,43 @@ def resolve(implementation: str | None, dtype, head_dim: int) -> str:
   return implementation
 
 
+def padded_length(length: int, implementation: str | None, dtype, head_dim: int) -> int:
+  """The sequence length `attend` runs `length` tokens on (a multiple of `CUDNN_BLOCK` for
+  cuDNN). A model that pads its tokens to it once saves a copy of q, k, v and the output
+  in every block (see `attend`'s `valid_length`)."""
+  if resolve(implementation, dtype, head_dim) == "cudnn":
+    return length + -length % CUDNN_BLOCK
+  return length
+
+
 def attend(q, k, v, implementation: str | None = "auto", *, bias=None, scale=None,
-           pad_to: int | None = None):
+           pad_to: int | None = None, valid_length: int | None = None):
   """Softmax attention of q, k, v (B, N, heads, head_dim) -> (B, N, heads, head_dim).
 
   bias: additive logits, broadcastable to (B, heads, N, N). Logits and softmax are float32
   in both implementations. With cuDNN and N not a multiple of `pad_to` (default
   `CUDNN_BLOCK`), the call runs on N rounded up to it and returns the first N rows.
+  valid_length: only the first `valid_length` keys are attended to; the caller padded the
+  rest (their query rows are computed as any other and mean nothing).
   """
   implementation = resolve(implementation, q.dtype, q.shape[-1])
   pad_to = CUDNN_BLOCK if pad_to is None else pad_to
   if implementation == "cudnn" and bias is not None:
     bias = bias.astype(q.dtype)
-  length = q.shape[1]
+  batch, length = q.shape[:2]
+  valid = length if valid_length is None else valid_length
+  key_lengths = None if valid == length else jnp.full((batch,), valid, jnp.int32)
   padding = -length % pad_to if implementation == "cudnn" else 0
   if not padding:
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
+                                        key_value_seq_lengths=key_lengths,
                                         implementation=implementation)
   pad_tokens = [(0, 0), (0, padding), (0, 0), (0, 0)]
   q, k, v = (jnp.pad(t, pad_tokens) for t in (q, k, v))
   if bias is not None:
-    bias = jnp.pad(jnp.broadcast_to(bias, (q.shape[0], q.shape[2], length, length)),
+    bias = jnp.pad(jnp.broadcast_to(bias, (batch, q.shape[2], length, length)),
                    [(0, 0), (0, 0), (0, padding), (0, padding)])
-  lengths = jnp.full((q.shape[0],), length, jnp.int32)
   out = jax.nn.dot_product_attention(
-      q, k, v, bias=bias, scale=scale, query_seq_lengths=lengths,
-      key_value_seq_lengths=lengths, implementation=implementation)
+      q, k, v, bias=bias, scale=scale, query_seq_lengths=jnp.full((batch,), length, jnp.int32),
+      key_value_seq_lengths=jnp.full((batch,), valid, jnp.int32), implementation=implementation)
   return out[:, :length]

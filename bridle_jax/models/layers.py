@@ -146,10 +146,11 @@ class Attention(nn.Module):
   attention_impl: str = 'auto'  # see attention.IMPLEMENTATIONS
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, valid_length: int | None = None):
+    """valid_length: tokens after the first `valid_length` are padding, attended by none."""
     qkv = QKVProjection(self.num_heads, self.dtype, self.param_dtype, name='qkv')(x)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # (B, N, heads, kv)
-    out = attention.attend(q, k, v, self.attention_impl)
+    out = attention.attend(q, k, v, self.attention_impl, valid_length=valid_length)
     return HeadsProjection(x.shape[-1], self.dtype, self.param_dtype, name='proj')(out)
 
 
@@ -165,10 +166,10 @@ class Block(nn.Module):
   attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, valid_length: int | None = None):
     y = layer_norm(self.dtype, self.param_dtype, 'norm1')(x)
     x = x + Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl,
-                      name='attn')(y)
+                      name='attn')(y, valid_length)
     y = layer_norm(self.dtype, self.param_dtype, 'norm2')(x)
     return x + Mlp(self.mlp_ratio, self.dtype, self.param_dtype, name='mlp')(y)
 

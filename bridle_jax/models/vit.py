@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bridle_jax.models import masking
+from bridle_jax.models import attention, masking
 from bridle_jax.models.layers import (Block, Dtype, PatchEmbed, layer_norm, partitioned,
                                       rematted)
 from bridle_jax.models.pos_embed import audio_pos_embed
@@ -39,7 +39,7 @@ class ViTBackbone(nn.Module):
     self.cls_token = self.param(
         'cls_token', partitioned(nn.initializers.normal(0.02), None, None, 'embed'),
         (1, 1, self.width), self.param_dtype)
-    block = rematted(Block, self.remat)
+    block = rematted(Block, self.remat, static_argnums=(2,))
     self.blocks = [block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
                          self.attention_impl) for _ in range(self.depth)]
     self.norm = layer_norm(self.dtype, self.param_dtype)
@@ -59,12 +59,21 @@ class ViTBackbone(nn.Module):
     return tokens.astype(jnp.float32) + pos[None]
 
   def transform(self, tokens):
-    """Prepends CLS (its pos row is zero), runs the blocks and the final norm."""
+    """Prepends CLS (its pos row is zero), runs the blocks and the final norm.
+
+    Where the attention runs on a longer sequence (cuDNN: an even one), the tokens are
+    padded to it once here and the padding is masked as keys in every block.
+    """
     cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype), (tokens.shape[0], 1, self.width))
     x = jnp.concatenate([cls, tokens], axis=1)
+    length = x.shape[1]
+    padded = attention.padded_length(length, self.attention_impl, self.dtype,
+                                     self.width // self.num_heads)
+    if padded > length:
+      x = jnp.pad(x, [(0, 0), (0, padded - length), (0, 0)])
     for block in self.blocks:
-      x = block(x)
-    return self.norm(x)
+      x = block(x, length)
+    return self.norm(x[:, :length])
 
 
 class Encoder(ViTBackbone):
