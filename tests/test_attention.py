@@ -9,7 +9,7 @@ import pytest
 
 from bridle_jax import config_validation
 from bridle_jax.data import audio
-from bridle_jax.models import (attention, decoder, layers, quantizer, vit,
+from bridle_jax.models import (attention, classifier, decoder, layers, quantizer, vit,
                                window_attention_kernel)
 from bridle_jax.train import optim, steps
 from bridle_jax.train import state as state_lib
@@ -74,19 +74,25 @@ def test_cudnn_padding_leaves_the_result_unchanged(monkeypatch, with_bias):
   np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
-def test_vit_pads_its_tokens_once_for_cudnn(monkeypatch):
+@pytest.mark.parametrize("module, method, shape", [
+    (vit.ViTBackbone(grid=(4, 4), width=32, depth=2, num_heads=2, patch_size=4), "transform",
+     (2, 16, 32)),
+    (classifier.Classifier(grid=(4, 4), width=32, depth=2, num_heads=2, patch_size=4,
+                           num_classes=3), "pooled", (2, 16, 16)),
+], ids=["encoder-tokenizer", "classifier"])
+def test_vits_pad_their_tokens_once_for_cudnn(monkeypatch, module, method, shape):
   """CLS + 16 patches = 17 tokens run on cuDNN's even length: padded to 18 once before the
   blocks (one pad, not one per block and tensor), the padding masked as keys, the same
-  features and gradients as plain attention on 17 tokens."""
-  backbone = vit.ViTBackbone(grid=(4, 4), width=32, depth=2, num_heads=2, patch_size=4)
-  tokens, cotangent = (jax.random.normal(jax.random.key(i), (2, 16, 32)) for i in (0, 1))
-  cotangent = jnp.concatenate([cotangent, cotangent[:, :1]], axis=1)  # (2, 17, 32)
-  params = backbone.init(jax.random.key(2), tokens, method=backbone.transform)
+  outputs and gradients as plain attention on 17 tokens."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  params = module.init(jax.random.key(2), x, method=method)
+  out = jax.eval_shape(lambda: module.apply(params, x, method=method))
+  cotangent = jax.random.normal(jax.random.key(1), out.shape)
 
   def value_and_grads(impl):
-    module = backbone.clone(attention_impl=impl)
-    loss = lambda p, t: jnp.sum(module.apply(p, t, method=module.transform) * cotangent)
-    return jax.value_and_grad(loss, argnums=(0, 1))(params, tokens)
+    clone = module.clone(attention_impl=impl)
+    loss = lambda p, x: jnp.sum(clone.apply(p, x, method=method) * cotangent)
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
   expected = value_and_grads("xla")
   calls = []
@@ -102,8 +108,8 @@ def test_vit_pads_its_tokens_once_for_cudnn(monkeypatch):
   assert [(n, q_lengths) for n, q_lengths, _ in calls] == [(18, None)] * 2
   for _, _, kv_lengths in calls:
     np.testing.assert_array_equal(kv_lengths, [17, 17])
-  module = backbone.clone(attention_impl="cudnn")
-  jaxpr = str(jax.make_jaxpr(lambda t: module.apply(params, t, method=module.transform))(tokens))
+  clone = module.clone(attention_impl="cudnn")
+  jaxpr = str(jax.make_jaxpr(lambda x: clone.apply(params, x, method=method))(x))
   assert jaxpr.count(" pad[") == 1
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)

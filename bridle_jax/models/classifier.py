@@ -45,11 +45,11 @@ class DropPathBlock(nn.Module):
   attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, valid_length: int | None = None):
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
     y = layer_norm(self.dtype, self.param_dtype, 'norm1')(x)
     y = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl,
-                  name='attn')(y)
+                  name='attn')(y, valid_length)
     x = x + drop(y)
     y = layer_norm(self.dtype, self.param_dtype, 'norm2')(x)
     return x + drop(Mlp(self.mlp_ratio, self.dtype, self.param_dtype, name='mlp')(y))
@@ -76,7 +76,7 @@ class Classifier(ViTBackbone):
         'cls_token', partitioned(nn.initializers.normal(0.02), None, None, 'embed'),
         (1, 1, self.width), self.param_dtype)
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
-    block = rematted(DropPathBlock, self.remat, static_argnums=(2,))
+    block = rematted(DropPathBlock, self.remat, static_argnums=(2, 3))
     self.blocks = [block(self.num_heads, self.mlp_ratio, rate, self.dtype, self.param_dtype,
                          self.attention_impl) for rate in rates]
     # The probe's part (LayerNorm + Linear on the pooled features) runs in float32.
@@ -102,15 +102,18 @@ class Classifier(ViTBackbone):
     return masking.gather_tokens(tokens, ids_keep)
 
   def pooled(self, x, train: bool = False):
-    """Mean of the blocks' patch-token outputs (CLS excluded), (B, width) float32."""
+    """Mean of the blocks' patch-token outputs (CLS excluded), (B, width) float32.
+
+    Tokens are padded once to the attention's length, as in `ViTBackbone.transform`.
+    """
     tokens = self.embed(x)
     if train and (self.mask_t_prob > 0 or self.mask_f_prob > 0):
       tokens = self._masked(tokens)
     cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype), (tokens.shape[0], 1, self.width))
-    h = jnp.concatenate([cls, tokens], axis=1)
+    h, length = self.pad_for_attention(jnp.concatenate([cls, tokens], axis=1))
     for block in self.blocks:
-      h = block(h, train)
-    return h[:, 1:].astype(jnp.float32).mean(axis=1)
+      h = block(h, train, length)
+    return h[:, 1:length].astype(jnp.float32).mean(axis=1)
 
   def __call__(self, x, train: bool = False):
     logits = self.head(self.fc_norm(self.pooled(x, train)))

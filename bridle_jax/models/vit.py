@@ -65,15 +65,19 @@ class ViTBackbone(nn.Module):
     padded to it once here and the padding is masked as keys in every block.
     """
     cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype), (tokens.shape[0], 1, self.width))
-    x = jnp.concatenate([cls, tokens], axis=1)
+    x, length = self.pad_for_attention(jnp.concatenate([cls, tokens], axis=1))
+    for block in self.blocks:
+      x = block(x, length)
+    return self.norm(x[:, :length])
+
+  def pad_for_attention(self, x):
+    """(x padded with zero tokens to the length attention runs on, its unpadded length)."""
     length = x.shape[1]
     padded = attention.padded_length(length, self.attention_impl, self.dtype,
                                      self.width // self.num_heads)
     if padded > length:
       x = jnp.pad(x, [(0, 0), (0, padded - length), (0, 0)])
-    for block in self.blocks:
-      x = block(x, length)
-    return self.norm(x[:, :length])
+    return x, length
 
 
 class Encoder(ViTBackbone):
