@@ -6,11 +6,11 @@ Cases: global attention at the sequence lengths of the masked encoder (CLS + vis
 patches), the full-input ViTs (CLS + all patches) and the estimator (all patches), with
 XLA and, on a GPU, cuDNN for each padding multiple in --pads; and the decoder's shifted
 window attention (`decoder.WindowAttention`, meta-MLP bias and shift mask included) with
-XLA and, on a GPU, the Pallas kernel, and the kernel alone with each
-size of Triton program in KERNEL_TILINGS. Inputs are random, in the config's dtype; each
-time is the median over --repeats loops of --steps calls, in ms per call. A variant the
-backend refuses is listed with its error. The fastest padding is what
-`attention.CUDNN_BLOCK` should be on that GPU.
+XLA and, on a GPU, the Pallas kernel, and the kernel alone with each size of Triton
+program in KERNEL_TILINGS. Inputs are random, in the config's dtype; each time is the
+median over --repeats loops of --steps calls, in ms per call. A variant the backend
+refuses is listed with its error. The fastest padding is what `attention.CUDNN_BLOCK`
+should be on that GPU.
 """
 import jax
 import jax.numpy as jnp

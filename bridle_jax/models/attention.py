@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 CUDNN_BLOCK = 2
-_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # what "auto" sends to GPU kernels
 
 
 def resolve(implementation: str | None, dtype, head_dim: int) -> str:
@@ -24,7 +24,7 @@ def resolve(implementation: str | None, dtype, head_dim: int) -> str:
   """
   if implementation in (None, "auto"):
     on_gpu = jax.default_backend() == "gpu"
-    fits = jnp.dtype(dtype) in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+    fits = jnp.dtype(dtype) in HALF_DTYPES and head_dim % 8 == 0 and head_dim <= 128
     return "cudnn" if on_gpu and fits else "xla"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of "
@@ -57,18 +57,19 @@ def attend(q, k, v, implementation: str | None = "auto", *, bias=None, scale=Non
     bias = bias.astype(q.dtype)
   batch, length = q.shape[:2]
   valid = length if valid_length is None else valid_length
-  key_lengths = None if valid == length else jnp.full((batch,), valid, jnp.int32)
+  lengths = lambda n: jnp.full((batch,), n, jnp.int32)
   padding = -length % pad_to if implementation == "cudnn" else 0
   if not padding:
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
-                                        key_value_seq_lengths=key_lengths,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, scale=scale,
+        key_value_seq_lengths=None if valid == length else lengths(valid),
+        implementation=implementation)
   pad_tokens = [(0, 0), (0, padding), (0, 0), (0, 0)]
   q, k, v = (jnp.pad(t, pad_tokens) for t in (q, k, v))
   if bias is not None:
     bias = jnp.pad(jnp.broadcast_to(bias, (batch, q.shape[2], length, length)),
                    [(0, 0), (0, 0), (0, padding), (0, padding)])
   out = jax.nn.dot_product_attention(
-      q, k, v, bias=bias, scale=scale, query_seq_lengths=jnp.full((batch,), length, jnp.int32),
-      key_value_seq_lengths=jnp.full((batch,), valid, jnp.int32), implementation=implementation)
+      q, k, v, bias=bias, scale=scale, query_seq_lengths=lengths(length),
+      key_value_seq_lengths=lengths(valid), implementation=implementation)
   return out[:, :length]

@@ -90,7 +90,7 @@ def _unit(x):
   """x / max(|x|, 1e-6) along the last axis, in float32 (zero gradient, not NaN, at x = 0)."""
   x = x.astype(jnp.float32)
   squared = jnp.sum(x * x, axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(squared, 1e-12))
+  return x * jax.lax.rsqrt(jnp.maximum(squared, window_attention_kernel.NORM_EPS ** 2))
 
 
 def resolve_window_impl(implementation: str, dtype, window_tokens: int, head_dim: int) -> str:
@@ -101,7 +101,7 @@ def resolve_window_impl(implementation: str, dtype, window_tokens: int, head_dim
   """
   if implementation != "auto":
     return implementation
-  fits = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  fits = (jnp.dtype(dtype) in attention.HALF_DTYPES
           and window_attention_kernel.unsupported_reason(window_tokens, head_dim) is None)
   return "pallas" if jax.default_backend() == "gpu" and fits else "xla"
 
