@@ -50,24 +50,31 @@ def test_auto_window_attention_takes_the_kernel_on_a_gpu_where_it_applies(
   assert decoder.resolve_window_impl("xla", dtype, window_tokens, head_dim) == "xla"
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_cudnn_padding_leaves_the_result_unchanged(monkeypatch, with_bias):
-  """The cuDNN route pads 103 tokens to 104; the padded key must get no weight."""
+@pytest.fixture
+def cudnn_calls(monkeypatch):
+  """The (q shape, keyword arguments) of every cuDNN attention call, each run with XLA on
+  this CPU instead."""
   calls = []
   plain = jax.nn.dot_product_attention
 
   def recording(q, k, v, **kwargs):
-    calls.append((q.shape, kwargs))
-    kwargs["implementation"] = "xla"   # run the padded call on this CPU
-    return plain(q, k, v, **kwargs)
+    if kwargs.get("implementation") == "cudnn":
+      calls.append((q.shape, dict(kwargs)))
+    return plain(q, k, v, **{**kwargs, "implementation": "xla"})
 
+  monkeypatch.setattr(attention.jax.nn, "dot_product_attention", recording)
+  return calls
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cudnn_padding_leaves_the_result_unchanged(cudnn_calls, with_bias):
+  """The cuDNN route pads 103 tokens to 104; the padded key must get no weight."""
   q, k, v = _qkv(0)
   bias = jax.random.normal(jax.random.key(5), (1, 4, 103, 103)) if with_bias else None
-  expected = plain(q, k, v, bias=bias, implementation="xla")
-  monkeypatch.setattr(attention.jax.nn, "dot_product_attention", recording)
+  expected = attention.attend(q, k, v, "xla", bias=bias)
   out = attention.attend(q, k, v, "cudnn", bias=bias)
 
-  (shape, kwargs), = calls
+  (shape, kwargs), = cudnn_calls
   assert shape == (2, 104, 4, 8)
   np.testing.assert_array_equal(kwargs["key_value_seq_lengths"], [103, 103])
   assert out.shape == q.shape
@@ -80,7 +87,7 @@ def test_cudnn_padding_leaves_the_result_unchanged(monkeypatch, with_bias):
     (classifier.Classifier(grid=(4, 4), width=32, depth=2, num_heads=2, patch_size=4,
                            num_classes=3), "pooled", (2, 16, 16)),
 ], ids=["encoder-tokenizer", "classifier"])
-def test_vits_pad_their_tokens_once_for_cudnn(monkeypatch, module, method, shape):
+def test_vits_pad_their_tokens_once_for_cudnn(cudnn_calls, module, method, shape):
   """CLS + 16 patches = 17 tokens run on cuDNN's even length: padded to 18 once before the
   blocks (one pad, not one per block and tensor), the padding masked as keys, the same
   outputs and gradients as plain attention on 17 tokens."""
@@ -95,19 +102,11 @@ def test_vits_pad_their_tokens_once_for_cudnn(monkeypatch, module, method, shape
     return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
   expected = value_and_grads("xla")
-  calls = []
-  plain = jax.nn.dot_product_attention
-
-  def recording(q, k, v, **kwargs):
-    calls.append((q.shape[1], kwargs.get("query_seq_lengths"), kwargs["key_value_seq_lengths"]))
-    kwargs["implementation"] = "xla"  # run the cuDNN-shaped call on this CPU
-    return plain(q, k, v, **kwargs)
-
-  monkeypatch.setattr(attention.jax.nn, "dot_product_attention", recording)
   got = value_and_grads("cudnn")
-  assert [(n, q_lengths) for n, q_lengths, _ in calls] == [(18, None)] * 2
-  for _, _, kv_lengths in calls:
-    np.testing.assert_array_equal(kv_lengths, [17, 17])
+  assert [(q_shape[1], kwargs.get("query_seq_lengths"))
+          for q_shape, kwargs in cudnn_calls] == [(18, None)] * 2
+  for _, kwargs in cudnn_calls:
+    np.testing.assert_array_equal(kwargs["key_value_seq_lengths"], [17, 17])
   clone = module.clone(attention_impl="cudnn")
   jaxpr = str(jax.make_jaxpr(lambda x: clone.apply(params, x, method=method))(x))
   assert jaxpr.count(" pad[") == 1
