@@ -10,6 +10,7 @@ DATA_FORMATS = ("json", "folder", "tfds")
 QUANTIZER_TYPES = ("rq", "vq")
 POS_GRIDS = ("reference", "time_freq")
 DTYPES = ("bfloat16", "float32")
+RESIDUAL_STREAM_DTYPES = ("float32", "compute")
 PHASES = ("encoder", "tokenizer", "joint")
 DECODER_MODES = (0, 1, 2, 3)
 
@@ -79,6 +80,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f"{m.patch_size}, got {m.pos_table_frames}")
   _one_of(config, "model.attention_impl", attention.IMPLEMENTATIONS)
   _one_of(config, "model.remat", tuple(layers.REMAT_POLICIES))
+  _one_of(config, "model.residual_stream_dtype", RESIDUAL_STREAM_DTYPES)
   _require(m.attention_impl != "cudnn" or m.dtype == "bfloat16", "model.attention_impl",
            f"'cudnn' needs model.dtype='bfloat16', got {m.dtype!r}")
   _require(m.width % m.num_heads == 0, "model.width",

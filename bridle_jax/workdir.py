@@ -24,7 +24,8 @@ SHAPE_FIELDS = ("model", "data.target_length", "data.num_mel_bins")
 # Fields of `model` that change how the step computes, not what it holds: free to change,
 # and reset to these portable values when a finished run is loaded for inference.
 SPEED_DEFAULTS = {"model.attention_impl": "auto", "model.remat": "none",
-                  "model.decoder.attention_impl": "auto"}
+                  "model.decoder.attention_impl": "auto",
+                  "model.residual_stream_dtype": "float32"}
 # Fields added after runs were saved without them, with the value that matches how those
 # runs behaved.
 ADDED_DEFAULTS = {"model.pos_table_frames": 0, "model.pos_crop": "reference"}

@@ -73,6 +73,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.pos_crop = "reference"     # which rows: reference (its ESC-50 rows) | center
   m.attention_impl = "auto"    # auto (cuDNN on GPU with bf16, else XLA) | xla | cudnn
   m.remat = "none"             # none | dots | full: recompute blocks in the backward pass
+  m.residual_stream_dtype = "float32"  # the ViTs' tokens between blocks: float32 (as under
+                               # the reference's autocast) | compute (model.dtype: bf16
+                               # halves their memory traffic)
   m.decoder = dec = ml_collections.ConfigDict()
   dec.mode = 1                 # 0 global transformer, 1 Swin local windows
   dec.width = 512

@@ -7,8 +7,9 @@
 # Runs: attention (forward + backward of each attention variant and cuDNN padding at the
 # recipe's shapes, batch 128, printed only; about a minute), encoder, encoder_reuse (stored
 # tokenizer codes), encoder_xla_window (XLA's form of the Swin decoder's window attention
-# instead of the Pallas kernel a GPU takes by default), tokenizer, joint (each a sweep over
-# $BATCHES in the config's dtype, bf16),
+# instead of the Pallas kernel a GPU takes by default), tokenizer, joint,
+# encoder_bf16_residual and tokenizer_bf16_residual (with model.residual_stream_dtype=compute:
+# bf16 between the ViT blocks); each a sweep over $BATCHES in the config's dtype, bf16;
 # profile (a trace of 3 encoder and 3 tokenizer steps at batch 128 and the device time
 # per op, in $SCRATCH/profile/<phase>), input (the host pipeline on 10 s clips written to
 # $SCRATCH/clips10) and precision (bf16 against float32 on the demo, in $SCRATCH). Each
@@ -32,8 +33,8 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$SCRATCH/jax_cach
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 RUNS=("$@")
 if [[ ${#RUNS[@]} -eq 0 ]]; then
-  RUNS=(attention encoder encoder_reuse encoder_xla_window tokenizer joint profile input
-        precision)
+  RUNS=(attention encoder encoder_reuse encoder_xla_window tokenizer joint
+        encoder_bf16_residual tokenizer_bf16_residual profile input precision)
 fi
 
 bench() {
@@ -49,6 +50,8 @@ run() {
     encoder_xla_window) bench --phase=encoder --batch="$BATCHES" \
         --config.model.decoder.attention_impl=xla ;;
     tokenizer) bench --phase=tokenizer --batch="$BATCHES" ;;
+    encoder_bf16_residual | tokenizer_bf16_residual)
+      bench --phase="${1%%_*}" --batch="$BATCHES" --config.model.residual_stream_dtype=compute ;;
     joint) bench --phase=joint --batch="$BATCHES" ;;
     attention) "$PYTHON" -m bridle_jax.benchmark_attention --config="$CONFIG" --batch=128 ;;
     profile)

@@ -114,6 +114,19 @@ def test_vits_pad_their_tokens_once_for_cudnn(cudnn_calls, module, method, shape
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
 
 
+def test_vit_attention_projects_q_k_v_with_one_matmul_each():
+  """cuDNN takes q, k and v as separate operands: each comes straight out of its own
+  matmul, not as a slice of one fused (B, N, 3, heads, head_dim) output (which XLA copies
+  before a custom call), from the same (width, 3, heads, head_dim) kernel."""
+  module = layers.Attention(num_heads=2)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  params = module.init(jax.random.key(1), x)
+  jaxpr = str(jax.make_jaxpr(lambda x: module.apply(params, x))(x))
+  projections = [line for line in jaxpr.splitlines() if "f32[2,5,2,4] = dot_general" in line]
+  assert len(projections) == 3 and "f32[2,5,3,2,4]" not in jaxpr
+  assert nn.unbox(params)["params"]["qkv"]["kernel"].shape == (8, 3, 2, 4)
+
+
 def test_window_attention_equals_the_reference_formula():
   """q·k / max(|q||k|, 1e-6) / max(τ, 0.01) + meta bias + shift mask, softmax, @ v."""
   module = decoder.WindowAttention(num_heads=2, window=(2, 2))
@@ -226,6 +239,8 @@ def test_remat_keeps_params_loss_and_gradients():
 @pytest.mark.parametrize("overrides, message", [
     ({"model.attention_impl": "flash"}, "^model.attention_impl: 'flash' is not one of"),
     ({"model.remat": "all"}, "^model.remat: 'all' is not one of"),
+    ({"model.residual_stream_dtype": "bfloat16"},
+     "^model.residual_stream_dtype: 'bfloat16' is not one of 'float32', 'compute'"),
     ({"model.decoder.attention_impl": "cudnn"}, "^model.decoder.attention_impl: 'cudnn'"),
     ({"model.attention_impl": "cudnn"}, "^model.attention_impl: 'cudnn' needs model.dtype"),
     ({"model.decoder.attention_impl": "pallas", "model.decoder.window": (2, 2),

@@ -49,13 +49,16 @@ def test_benchmark_gpu_profiles_both_phases(tmp_path):
   assert result.stdout.count("wall time per step") == 2
 
 
-def test_benchmark_gpu_times_the_xla_window_attention_at_the_batches_asked(tmp_path):
-  """The sharded encoder step with XLA's window attention (batch split over the 8
-  emulated devices) runs and writes its row."""
+def test_benchmark_gpu_times_speed_variants_at_the_batches_asked(tmp_path):
+  """The sharded encoder step with XLA's window attention and the tokenizer step with a
+  bf16 residual stream (batch split over the 8 emulated devices) run and write their rows."""
   rows = tmp_path / "BENCHMARKS.md"
-  result = _benchmark_gpu(sys.executable, "encoder_xla_window",
+  result = _benchmark_gpu(sys.executable, "encoder_xla_window", "tokenizer_bf16_residual",
                           CONFIG="configs/audio.py:demo", BATCHES="8",
                           BENCHMARKS_FILE=str(rows), SCRATCH=str(tmp_path))
   assert result.returncode == 0, result.stderr[-2000:]
-  written = [line for line in rows.read_text().splitlines() if "attention_impl=xla" in line]
+  lines = rows.read_text().splitlines()
+  written = [line for line in lines if "attention_impl=xla" in line]
   assert len(written) == 1 and "| encoder | 8 |" in written[0]
+  written = [line for line in lines if "residual_stream_dtype=compute" in line]
+  assert len(written) == 1 and "| tokenizer | 8 |" in written[0]

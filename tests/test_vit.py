@@ -1,4 +1,5 @@
 """Shared layers and the ViT encoder: shapes, parameter counts (§7.4), axis names, token order."""
+import functools
 import math
 
 import flax.linen as nn
@@ -10,7 +11,7 @@ import pytest
 
 from bridle_jax.models.layers import Attention, Block, PatchEmbed, gelu
 from bridle_jax.models.pos_embed import audio_pos_embed
-from bridle_jax.models.vit import Encoder, encoder_from_config
+from bridle_jax.models.vit import Encoder, encoder_from_config, residual_stream_dtype
 
 AUDIO_GRID = (64, 8)  # 1024 frames x 128 mel bins, patch 16
 RNGS = {'params': jax.random.key(0), 'mask': jax.random.key(1)}
@@ -200,3 +201,53 @@ def test_gelu_is_the_exact_erf_form_with_its_derivative():
   np.testing.assert_allclose(np.asarray(yb, np.float64), exact, rtol=2 ** -8, atol=1e-6)
   _, vjp = jax.vjp(gelu, xb)
   assert vjp(jnp.ones_like(xb))[0].dtype == jnp.bfloat16
+
+
+def _demo_tokenizer_phase(dtype, residual_stream_dtype):
+  """(dtypes of every ViT block's output, tokenizer-phase loss, its gradient) on the demo."""
+  from bridle_jax.models import quantizer
+  from bridle_jax.train import state as state_lib
+  from bridle_jax.train import steps
+  from configs import audio as audio_config
+
+  config = audio_config.get_config('demo')
+  config.model.dtype = dtype
+  config.model.residual_stream_dtype = residual_stream_dtype
+  models = state_lib.build_models(config)
+  params = jax.jit(lambda key: nn.unbox(state_lib.init_params(models, key)))(jax.random.key(0))
+  codebooks = quantizer.init(models.quantizer, jax.random.key(1))
+  x = jax.random.normal(jax.random.key(2), (4, *models.input_shape))
+
+  block_dtypes = set()
+  for module, name, variables, args in (
+      (models.encoder, 'encoder', params['encoder'], (x,)),
+      (models.tokenizer, 'tokenizer', params['tokenizer'], (x,)),
+      (models.estimator, 'estimator', params['estimator'],
+       (jnp.ones((4, models.encoder.num_patches, config.model.quantizer.code_dim)),))):
+    _, state = jax.eval_shape(functools.partial(module.apply, capture_intermediates=True),
+                              {'params': variables}, *args)
+    for block, outputs in state['intermediates'].items():
+      if 'blocks_' in block:
+        block_dtypes.add((name, jnp.dtype(outputs['__call__'][0].dtype).name))
+
+  def loss(p):
+    return steps.tokenizer_phase_loss(models, p, codebooks, x, jax.random.key(3))[0]
+  return block_dtypes, *jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_compute_dtype_residual_stream_is_bf16_between_blocks_and_close_to_float32():
+  """'compute' carries the encoder's, tokenizer's and estimator's tokens in bf16 between
+  blocks (float32 by default, and with a float32 model whatever the setting); the loss and
+  gradients stay within bf16 rounding of the float32 stream's."""
+  dtypes_f32, loss_f32, grads_f32 = _demo_tokenizer_phase('bfloat16', 'float32')
+  dtypes_bf16, loss_bf16, grads_bf16 = _demo_tokenizer_phase('bfloat16', 'compute')
+  modules = ('encoder', 'tokenizer', 'estimator')
+  assert dtypes_f32 == {(m, 'float32') for m in modules}
+  assert dtypes_bf16 == {(m, 'bfloat16') for m in modules}
+  float32_model = ml_collections.ConfigDict(dict(dtype='float32', residual_stream_dtype='compute'))
+  assert residual_stream_dtype(float32_model) == jnp.float32
+
+  assert abs(float(loss_bf16) - float(loss_f32)) < 0.01 * abs(float(loss_f32))
+  flat = lambda tree: jnp.concatenate([g.ravel() for g in jax.tree.leaves(tree)])
+  g_f32, g_bf16 = flat(grads_f32['tokenizer']), flat(grads_bf16['tokenizer'])
+  assert float(jnp.linalg.norm(g_bf16 - g_f32) / jnp.linalg.norm(g_f32)) < 0.05

@@ -97,10 +97,17 @@ class Mlp(nn.Module):
 
 
 class QKVProjection(nn.Module):
-  """Fused q/k/v projection: (..., D) -> (..., 3, heads, head_dim)."""
+  """q/k/v projection with one (D, 3, heads, head_dim) kernel.
+
+  fused=True: (..., D) -> (..., 3, heads, head_dim) from one matmul (what the window
+  kernel reads). fused=False: (q, k, v), each (..., heads, head_dim) from its own matmul
+  on its slice of the kernel, so an attention call that takes them as separate operands
+  (cuDNN) reads them as written instead of a copy of each slice of one fused output.
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  fused: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -114,8 +121,11 @@ class QKVProjection(nn.Module):
         shape, self.param_dtype)
     bias = self.param('bias', partitioned(nn.initializers.zeros, None, 'heads', 'kv'),
                       shape[1:], self.param_dtype)
-    x = jnp.asarray(x, self.dtype)
-    return jnp.einsum('...d,dshk->...shk', x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    x, kernel, bias = jnp.asarray(x, self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    if self.fused:
+      return jnp.einsum('...d,dshk->...shk', x, kernel) + bias
+    return tuple(jnp.einsum('...d,dhk->...hk', x, kernel[:, part]) + bias[part]
+                 for part in range(3))
 
 
 class HeadsProjection(nn.Module):
@@ -148,8 +158,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, valid_length: int | None = None):
     """valid_length: tokens after the first `valid_length` are padding, attended by none."""
-    qkv = QKVProjection(self.num_heads, self.dtype, self.param_dtype, name='qkv')(x)
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # (B, N, heads, kv)
+    q, k, v = QKVProjection(self.num_heads, self.dtype, self.param_dtype, fused=False,
+                            name='qkv')(x)  # each (B, N, heads, kv)
     out = attention.attend(q, k, v, self.attention_impl, valid_length=valid_length)
     return HeadsProjection(x.shape[-1], self.dtype, self.param_dtype, name='proj')(out)
 

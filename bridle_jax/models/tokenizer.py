@@ -73,12 +73,14 @@ class Estimator(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'auto'
   remat: str = 'none'
+  residual_stream_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z_q):
     x = dense(self.width, ('code', 'embed'), self.dtype, self.param_dtype, 'estimator_embed')(z_q)
     x = x.astype(jnp.float32) + audio_pos_embed(*self.grid, self.width, self.pos_grid,
                                                 cls=False)[None]
+    x = x.astype(self.residual_stream_dtype)
     block = rematted(Block, self.remat)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,

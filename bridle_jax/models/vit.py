@@ -5,7 +5,8 @@ blocks.{i} -> blocks_{i}, norm. The fixed `pos_embed` is not a parameter: it is
 `pos_embed.audio_pos_embed(grid_t, grid_f, width, pos_grid, table_t=pos_table_t)`, recomputed
 on every trace.
 Input: audio fbank (B, T, F) or (B, T, F, C), images (B, H, W, C); grid = (H/p, W/p). The token
-residual stream is float32; matmuls run in `dtype`; outputs are in `dtype`.
+residual stream is in `residual_stream_dtype` (float32, as under the reference's autocast, or
+the compute dtype); matmuls run in `dtype`; outputs are in `dtype`.
 """
 from typing import Any
 
@@ -33,6 +34,7 @@ class ViTBackbone(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'auto'
   remat: str = 'none'  # see layers.REMAT_POLICIES
+  residual_stream_dtype: Dtype = jnp.float32  # the tokens between blocks and their gradient
 
   def setup(self):
     self.patch_embed = PatchEmbed(self.width, self.patch_size, self.dtype, self.param_dtype)
@@ -49,14 +51,14 @@ class ViTBackbone(nn.Module):
     return self.grid[0] * self.grid[1]
 
   def embed(self, x):
-    """Image/fbank -> patch tokens + fixed pos embed, (B, L, width) float32."""
+    """Image/fbank -> patch tokens + fixed pos embed, (B, L, width) in the residual stream dtype."""
     tokens = self.patch_embed(x)
     if tokens.shape[1] != self.num_patches:
       raise ValueError(f'input {x.shape} gives {tokens.shape[1]} patches, grid {self.grid} '
                        f'expects {self.num_patches}')
     pos = audio_pos_embed(*self.grid, self.width, self.pos_grid, cls=False,
                           table_t=self.pos_table_t, crop=self.pos_crop)
-    return tokens.astype(jnp.float32) + pos[None]
+    return (tokens.astype(jnp.float32) + pos[None]).astype(self.residual_stream_dtype)
 
   def transform(self, tokens):
     """Prepends CLS (its pos row is zero), runs the blocks and the final norm.
@@ -119,7 +121,14 @@ def backbone_kwargs(model_cfg: Any, grid: tuple[int, int]) -> dict[str, Any]:
       pos_table_t=model_cfg.get('pos_table_frames', 0) // model_cfg.patch_size,
       pos_crop=model_cfg.get('pos_crop', 'reference'),
       dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get('attention_impl', 'auto'),
-      remat=model_cfg.get('remat', 'none'))
+      remat=model_cfg.get('remat', 'none'), residual_stream_dtype=residual_stream_dtype(model_cfg))
+
+
+def residual_stream_dtype(model_cfg: Any):
+  """`model.residual_stream_dtype`: 'float32', or 'compute' for `model.dtype`."""
+  if model_cfg.get('residual_stream_dtype', 'float32') == 'compute':
+    return jnp.dtype(model_cfg.dtype)
+  return jnp.dtype(jnp.float32)
 
 
 def encoder_from_config(model_cfg: Any, grid: tuple[int, int]) -> Encoder:
