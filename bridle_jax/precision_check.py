@@ -83,9 +83,24 @@ def _final_state_and_batch(config, workdir: str, num_clips: int):
       source, config.data, global_batch_size=min(num_clips, len(source)), seed=config.seed,
       process_index=0, process_count=1, num_epochs=1, train=False)))
   x = models.features({k: batch[k] for k in driver.BATCH_KEYS}, None)
+  return models, state_lib.build_models(bf16_config(run_config, config)), pretrained, x
+
+
+def bf16_config(run_config, config):
+  """The float32 run's config in bfloat16 with the speed settings of the checked `config`
+  (`load_pretrained` reset them, e.g. `model.residual_stream_dtype`)."""
   low_config = copy.deepcopy(run_config)
   low_config.model.dtype = "bfloat16"
-  return models, state_lib.build_models(low_config), pretrained, x
+  low_config.update_from_flattened_dict(
+      {field: _get(config, field, default) for field, default in workdir_lib.SPEED_DEFAULTS.items()})
+  return low_config
+
+
+def _get(config, field: str, default):
+  *parents, name = field.split(".")
+  for part in parents:
+    config = config[part]
+  return config.get(name, default)
 
 
 def code_agreement(models, low_models, pretrained, x) -> list[float]:

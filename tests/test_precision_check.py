@@ -21,6 +21,19 @@ def test_compare_curves_measures_the_gap_against_another_seed():
   assert not far["within_noise"]
 
 
+def test_bf16_side_of_the_gradient_check_keeps_the_checked_speed_settings():
+  """load_pretrained resets the float32 run's speed settings; the bf16 models of the code
+  and gradient comparison take the checked config's again."""
+  config = audio_config.get_config("demo")
+  config.model.residual_stream_dtype = "compute"
+  config.model.decoder.attention_impl = "pallas"
+  run_config = audio_config.get_config("demo")
+  low = precision_check.bf16_config(run_config, config)
+  assert low.model.dtype == "bfloat16"
+  assert (low.model.residual_stream_dtype, low.model.decoder.attention_impl) == ("compute", "pallas")
+  assert (run_config.model.dtype, run_config.model.residual_stream_dtype) == ("float32", "float32")
+
+
 def test_bf16_demo_run_matches_float32(tmp_path):
   corpus = demo.write_demo_corpus(tmp_path / "corpus", clips_per_class=4, eval_clips_per_class=1)
   config = audio_config.get_config("demo")

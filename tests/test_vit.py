@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from bridle_jax.models import layers, masking
 from bridle_jax.models.layers import Attention, Block, PatchEmbed, gelu
 from bridle_jax.models.pos_embed import audio_pos_embed
 from bridle_jax.models.vit import Encoder, encoder_from_config, residual_stream_dtype
@@ -251,3 +252,45 @@ def test_compute_dtype_residual_stream_is_bf16_between_blocks_and_close_to_float
   flat = lambda tree: jnp.concatenate([g.ravel() for g in jax.tree.leaves(tree)])
   g_f32, g_bf16 = flat(grads_f32['tokenizer']), flat(grads_bf16['tokenizer'])
   assert float(jnp.linalg.norm(g_bf16 - g_f32) / jnp.linalg.norm(g_f32)) < 0.05
+
+
+def _quarters(key, shape):
+  """Random multiples of 1/4 in [1/4, 2]: exact in bf16, and their sums exact in float32."""
+  return jax.random.randint(key, shape, 1, 9).astype(jnp.float32) / 4
+
+
+@pytest.mark.parametrize('module, x_shape', [
+    (layers.Dense(8, (None, None), jnp.bfloat16), (16, 512, 8)),
+    (layers.QKVProjection(2, jnp.bfloat16), (16, 512, 8)),
+    (layers.QKVProjection(2, jnp.bfloat16, fused=False), (16, 512, 8)),
+    (layers.HeadsProjection(8, jnp.bfloat16), (16, 512, 2, 4)),
+    (layers.PatchProjection(8, jnp.bfloat16), (16, 512, 2, 2, 1)),
+], ids=['dense', 'qkv_fused', 'qkv_split', 'heads', 'patch'])
+def test_bf16_layers_sum_bias_gradients_in_float32(module, x_shape):
+  """Summed over 8192 tokens, a bf16 layer's bias gradient is exact: it is not summed in
+  16 bits, which hold integers exactly only up to 256."""
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  params = nn.unbox(module.init(jax.random.key(1), x))
+  outputs = jax.tree.leaves(jax.eval_shape(module.apply, params, x))
+  weights = [_quarters(jax.random.key(i), o.shape) for i, o in enumerate(outputs)]
+
+  def loss(p):
+    return sum(jnp.sum(o.astype(jnp.float32) * w)
+               for o, w in zip(jax.tree.leaves(module.apply(p, x)), weights))
+
+  grad = jax.jit(jax.grad(loss))(params)['params']['bias']
+  # q, k and v each carry one row of the (3, heads, head_dim) bias.
+  trailing = grad.shape[1:] if len(weights) == 3 else grad.shape
+  sums = [np.asarray(w, np.float64).reshape(-1, *trailing).sum(0) for w in weights]
+  np.testing.assert_array_equal(grad, np.stack(sums) if len(weights) == 3 else sums[0])
+
+
+def test_restored_mask_token_gradient_sums_in_float32():
+  """The decoder's mask token fills 6,000 bf16 positions; its gradient sums them exactly."""
+  kept = jnp.zeros((16, 100, 8), jnp.bfloat16)
+  ids_restore = jnp.broadcast_to(jnp.arange(475, dtype=jnp.int32), (16, 475))
+  fill = jnp.zeros((1, 1, 8), jnp.float32)
+  weights = _quarters(jax.random.key(0), (16, 475, 8))
+  grad = jax.grad(lambda f: jnp.sum(masking.restore_tokens(kept, ids_restore, f)
+                                    .astype(jnp.float32) * weights))(fill)
+  np.testing.assert_array_equal(grad[0, 0], np.asarray(weights[:, 100:], np.float64).sum((0, 1)))

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from bridle_jax.models import masking
-from bridle_jax.models.layers import (Attention, Dtype, Mlp, PatchEmbed, layer_norm, partitioned,
-                                      rematted)
+from bridle_jax.models.layers import (Attention, Dtype, Mlp, PatchEmbed, broadcast_param,
+                                      layer_norm, partitioned, rematted)
 from bridle_jax.models.vit import ViTBackbone, backbone_kwargs
 
 HEAD_INIT_STD = 2e-5
@@ -109,7 +109,7 @@ class Classifier(ViTBackbone):
     tokens = self.embed(x)
     if train and (self.mask_t_prob > 0 or self.mask_f_prob > 0):
       tokens = self._masked(tokens)
-    cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype), (tokens.shape[0], 1, self.width))
+    cls = broadcast_param(self.cls_token, (tokens.shape[0], 1, self.width), tokens.dtype)
     h, length = self.pad_for_attention(jnp.concatenate([cls, tokens], axis=1))
     for block in self.blocks:
       h = block(h, train, length)

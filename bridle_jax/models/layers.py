@@ -5,7 +5,6 @@ Logical axes: 'embed' model width, 'mlp' MLP hidden, 'heads' attention heads, 'k
 linear kernels, zero biases, LayerNorm 1/0. Kernels are stored (in, out); the fused qkv kernel is
 (embed, 3, heads, kv), so a PyTorch (3D, D) weight maps over by reshape (3, H, Kd, D) + transpose.
 """
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -35,20 +34,65 @@ def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.
       bias_init=partitioned(nn.initializers.zeros, 'embed'))
 
 
+@jax.custom_vjp
+def add_bias(y, bias):
+  """y + bias (cast to y's dtype, broadcast over y's leading axes).
+
+  The bias gradient is summed in float32. Autodiff of the 16-bit add would sum the
+  16-bit output gradient in 16 bits, over every token of the batch: bf16 holds integers
+  exactly only up to 256, so such a sum stalls long before 131k tokens.
+  """
+  return y + bias.astype(y.dtype)
+
+
+def _add_bias_forward(y, bias):
+  return add_bias(y, bias), bias
+
+
+def _add_bias_backward(bias, grad):
+  axes = tuple(range(grad.ndim - bias.ndim))
+  return grad, jnp.sum(grad, axis=axes, dtype=jnp.float32).astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_forward, _add_bias_backward)
+
+
+def broadcast_param(param, shape, dtype):
+  """`param` broadcast to `shape`, then cast to `dtype`, so its gradient sums in the
+  param's own dtype (see `add_bias`)."""
+  return jnp.broadcast_to(param, shape).astype(dtype)
+
+
+class Dense(nn.Module):
+  """Linear layer as `nn.Dense` (params kernel (in, features), bias), matmul in `dtype`,
+  the bias added by `add_bias`. `float32_output` keeps the matmul's float32 accumulator
+  as the output (for logits)."""
+  features: int
+  axes: tuple[str | None, str | None]  # logical names of the kernel's (in, out) axes
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  float32_output: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', partitioned(nn.initializers.xavier_uniform(), *self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    y = jax.lax.dot_general(
+        jnp.asarray(x, self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32 if self.float32_output else None)
+    if self.use_bias:
+      bias = self.param('bias', partitioned(nn.initializers.zeros, self.axes[1]),
+                        (self.features,), self.param_dtype)
+      y = add_bias(y, bias)
+    return y
+
+
 def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype,
           param_dtype: Dtype, name: str | None = None, use_bias: bool = True,
-          float32_output: bool = False) -> nn.Dense:
-  """Xavier-uniform Linear with zero bias; `axes` names the (in, out) kernel axes.
-
-  `float32_output` keeps the matmul's float32 accumulator as the output (for logits): the
-  inputs are still multiplied in `dtype`.
-  """
-  dot_general = (functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-                 if float32_output else None)
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=partitioned(nn.initializers.xavier_uniform(), *axes),
-      bias_init=partitioned(nn.initializers.zeros, axes[1]), dot_general=dot_general)
+          float32_output: bool = False) -> Dense:
+  """Xavier-uniform Linear with zero bias; `axes` names the (in, out) kernel axes."""
+  return Dense(features, axes, dtype, param_dtype, use_bias, float32_output, name=name)
 
 
 def _gelu_cdf(x):
@@ -121,10 +165,10 @@ class QKVProjection(nn.Module):
         shape, self.param_dtype)
     bias = self.param('bias', partitioned(nn.initializers.zeros, None, 'heads', 'kv'),
                       shape[1:], self.param_dtype)
-    x, kernel, bias = jnp.asarray(x, self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    x, kernel = jnp.asarray(x, self.dtype), kernel.astype(self.dtype)
     if self.fused:
-      return jnp.einsum('...d,dshk->...shk', x, kernel) + bias
-    return tuple(jnp.einsum('...d,dhk->...hk', x, kernel[:, part]) + bias[part]
+      return add_bias(jnp.einsum('...d,dshk->...shk', x, kernel), bias)
+    return tuple(add_bias(jnp.einsum('...d,dhk->...hk', x, kernel[:, part]), bias[part])
                  for part in range(3))
 
 
@@ -145,7 +189,7 @@ class HeadsProjection(nn.Module):
     bias = self.param('bias', partitioned(nn.initializers.zeros, 'embed'),
                       (self.width,), self.param_dtype)
     x = jnp.asarray(x, self.dtype)
-    return jnp.einsum('...hk,hkd->...d', x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return add_bias(jnp.einsum('...hk,hkd->...d', x, kernel.astype(self.dtype)), bias)
 
 
 class Attention(nn.Module):
@@ -234,8 +278,7 @@ class PatchProjection(nn.Module):
                                           'embed'),
                       (self.width,), self.param_dtype)
     patches = jnp.asarray(patches, self.dtype)
-    return (jnp.einsum('...ijc,ijcd->...d', patches, kernel.astype(self.dtype))
-            + bias.astype(self.dtype))
+    return add_bias(jnp.einsum('...ijc,ijcd->...d', patches, kernel.astype(self.dtype)), bias)
 
 
 class PatchEmbed(nn.Module):

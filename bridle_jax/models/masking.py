@@ -7,6 +7,8 @@ first, so `restore_tokens` can put decoder tokens back in place.
 import jax
 import jax.numpy as jnp
 
+from bridle_jax.models import layers
+
 
 def random_masking(rng: jax.Array, batch: int, num_patches: int, ratio: float):
   """Per-sample uniform masking; keeps int(L * (1 - ratio)) tokens in ascending-noise order."""
@@ -54,6 +56,6 @@ def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
 def restore_tokens(kept: jax.Array, ids_restore: jax.Array, fill: jax.Array) -> jax.Array:
   """Appends `fill` (broadcast to D) for removed tokens and unshuffles: (B, K, D) -> (B, L, D)."""
   batch, num_kept, width = kept.shape
-  filler = jnp.broadcast_to(jnp.asarray(fill, kept.dtype).reshape(1, 1, width),
-                            (batch, ids_restore.shape[1] - num_kept, width))
+  filler = layers.broadcast_param(jnp.asarray(fill).reshape(1, 1, width),
+                                  (batch, ids_restore.shape[1] - num_kept, width), kept.dtype)
   return gather_tokens(jnp.concatenate([kept, filler], axis=1), ids_restore)

@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bridle_jax.models import attention, masking
-from bridle_jax.models.layers import (Block, Dtype, PatchEmbed, layer_norm, partitioned,
-                                      rematted)
+from bridle_jax.models.layers import (Block, Dtype, PatchEmbed, broadcast_param, layer_norm,
+                                      partitioned, rematted)
 from bridle_jax.models.pos_embed import audio_pos_embed
 
 
@@ -66,7 +66,7 @@ class ViTBackbone(nn.Module):
     Where the attention runs on a longer sequence (cuDNN: an even one), the tokens are
     padded to it once here and the padding is masked as keys in every block.
     """
-    cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype), (tokens.shape[0], 1, self.width))
+    cls = broadcast_param(self.cls_token, (tokens.shape[0], 1, self.width), tokens.dtype)
     x, length = self.pad_for_attention(jnp.concatenate([cls, tokens], axis=1))
     for block in self.blocks:
       x = block(x, length)
