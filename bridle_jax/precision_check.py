@@ -91,8 +91,8 @@ def bf16_config(run_config, config):
   (`load_pretrained` reset them, e.g. `model.residual_stream_dtype`)."""
   low_config = copy.deepcopy(run_config)
   low_config.model.dtype = "bfloat16"
-  low_config.update_from_flattened_dict(
-      {field: _get(config, field, default) for field, default in workdir_lib.SPEED_DEFAULTS.items()})
+  low_config.update_from_flattened_dict({field: _get(config, field, default)
+                                         for field, default in workdir_lib.SPEED_DEFAULTS.items()})
   return low_config
 
 

@@ -49,16 +49,30 @@ def test_benchmark_gpu_profiles_both_phases(tmp_path):
   assert result.stdout.count("wall time per step") == 2
 
 
-def test_benchmark_gpu_times_speed_variants_at_the_batches_asked(tmp_path):
-  """The sharded encoder step with XLA's window attention and the tokenizer step with a
-  bf16 residual stream (batch split over the 8 emulated devices) run and write their rows."""
+def test_benchmark_gpu_times_the_xla_window_attention_at_the_batches_asked(tmp_path):
+  """The sharded encoder step with XLA's window attention (batch split over the 8
+  emulated devices) runs and writes its row."""
   rows = tmp_path / "BENCHMARKS.md"
-  result = _benchmark_gpu(sys.executable, "encoder_xla_window", "tokenizer_bf16_residual",
+  result = _benchmark_gpu(sys.executable, "encoder_xla_window",
                           CONFIG="configs/audio.py:demo", BATCHES="8",
                           BENCHMARKS_FILE=str(rows), SCRATCH=str(tmp_path))
   assert result.returncode == 0, result.stderr[-2000:]
-  lines = rows.read_text().splitlines()
-  written = [line for line in lines if "attention_impl=xla" in line]
+  written = [line for line in rows.read_text().splitlines() if "attention_impl=xla" in line]
   assert len(written) == 1 and "| encoder | 8 |" in written[0]
-  written = [line for line in lines if "residual_stream_dtype=compute" in line]
-  assert len(written) == 1 and "| tokenizer | 8 |" in written[0]
+
+
+def test_benchmark_gpu_times_each_phase_with_the_bf16_residual_stream(tmp_path):
+  """The bf16-stream runs call the benchmark on their phase with the setting (an
+  interpreter stub records the calls)."""
+  calls = tmp_path / "calls"
+  python = tmp_path / "python"
+  python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+  python.chmod(0o755)
+  result = _benchmark_gpu(str(python), "encoder_bf16_residual", "tokenizer_bf16_residual",
+                          BATCHES="64,128")
+  assert result.returncode == 0, result.stderr
+  benchmarks = [line for line in calls.read_text().splitlines() if "bridle_jax.benchmark " in line]
+  assert len(benchmarks) == 2
+  for line, phase in zip(benchmarks, ("encoder", "tokenizer")):
+    assert f"--phase={phase} --batch=64,128" in line
+    assert line.endswith("--config.model.residual_stream_dtype=compute")
