@@ -1,4 +1,5 @@
-"""Shared layers and the ViT encoder: shapes, parameter counts (§7.4), axis names, token order."""
+"""Shared layers and the ViT encoder: shapes, parameter counts (§7.4), axis names, token order,
+bf16 numerics (residual stream, bias gradients)."""
 import functools
 import math
 
@@ -9,10 +10,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bridle_jax.models import layers, masking
+from bridle_jax.models import layers, masking, quantizer
 from bridle_jax.models.layers import Attention, Block, PatchEmbed, gelu
 from bridle_jax.models.pos_embed import audio_pos_embed
 from bridle_jax.models.vit import Encoder, encoder_from_config, residual_stream_dtype
+from bridle_jax.train import state as state_lib
+from bridle_jax.train import steps
+from configs import audio as audio_config
 
 AUDIO_GRID = (64, 8)  # 1024 frames x 128 mel bins, patch 16
 RNGS = {'params': jax.random.key(0), 'mask': jax.random.key(1)}
@@ -206,11 +210,6 @@ def test_gelu_is_the_exact_erf_form_with_its_derivative():
 
 def _demo_tokenizer_phase(dtype, residual_stream_dtype):
   """(dtypes of every ViT block's output, tokenizer-phase loss, its gradient) on the demo."""
-  from bridle_jax.models import quantizer
-  from bridle_jax.train import state as state_lib
-  from bridle_jax.train import steps
-  from configs import audio as audio_config
-
   config = audio_config.get_config('demo')
   config.model.dtype = dtype
   config.model.residual_stream_dtype = residual_stream_dtype
