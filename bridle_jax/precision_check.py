@@ -77,30 +77,21 @@ def compare_curves(reference: np.ndarray, bf16: np.ndarray, next_seed: np.ndarra
 
 def _final_state_and_batch(config, workdir: str, num_clips: int):
   """(float32 models, bfloat16 models, the float32 run's final state, one batch's features)."""
-  run_config, models, pretrained = workdir_lib.load_pretrained(os.path.join(workdir, "float32"))
+  _, models, pretrained = workdir_lib.load_pretrained(os.path.join(workdir, "float32"))
   source = sources.open_source(config.data)
   batch = next(iter(pipeline.build_dataset(
       source, config.data, global_batch_size=min(num_clips, len(source)), seed=config.seed,
       process_index=0, process_count=1, num_epochs=1, train=False)))
   x = models.features({k: batch[k] for k in driver.BATCH_KEYS}, None)
-  return models, state_lib.build_models(bf16_config(run_config, config)), pretrained, x
+  return models, state_lib.build_models(bf16_config(config)), pretrained, x
 
 
-def bf16_config(run_config, config):
-  """The float32 run's config in bfloat16 with the speed settings of the checked `config`
-  (`load_pretrained` reset them, e.g. `model.residual_stream_dtype`)."""
-  low_config = copy.deepcopy(run_config)
+def bf16_config(config):
+  """The checked config in bfloat16, its speed settings kept (`load_pretrained` resets
+  those of the float32 side, e.g. `model.residual_stream_dtype`)."""
+  low_config = copy.deepcopy(config)
   low_config.model.dtype = "bfloat16"
-  low_config.update_from_flattened_dict({field: _get(config, field, default)
-                                         for field, default in workdir_lib.SPEED_DEFAULTS.items()})
   return low_config
-
-
-def _get(config, field: str, default):
-  *parents, name = field.split(".")
-  for part in parents:
-    config = config[part]
-  return config.get(name, default)
 
 
 def code_agreement(models, low_models, pretrained, x) -> list[float]:

@@ -27,11 +27,10 @@ def test_bf16_side_of_the_gradient_check_keeps_the_checked_speed_settings():
   config = audio_config.get_config("demo")
   config.model.residual_stream_dtype = "compute"
   config.model.decoder.attention_impl = "pallas"
-  run_config = audio_config.get_config("demo")
-  low = precision_check.bf16_config(run_config, config)
+  low = precision_check.bf16_config(config)
   assert low.model.dtype == "bfloat16"
   assert (low.model.residual_stream_dtype, low.model.decoder.attention_impl) == ("compute", "pallas")
-  assert (run_config.model.dtype, run_config.model.residual_stream_dtype) == ("float32", "float32")
+  assert (config.model.dtype, config.model.residual_stream_dtype) == ("float32", "compute")
 
 
 def test_bf16_demo_run_matches_float32(tmp_path):

@@ -32,12 +32,13 @@ def resolve(implementation: str | None, dtype, head_dim: int) -> str:
   return implementation
 
 
-def padded_length(length: int, implementation: str | None, dtype, head_dim: int) -> int:
-  """The sequence length `attend` runs `length` tokens on (a multiple of `CUDNN_BLOCK` for
-  cuDNN). A model that pads its tokens to it once saves a copy of q, k, v and the output
-  in every block (see `attend`'s `valid_length`)."""
+def padded_length(length: int, implementation: str | None, dtype, head_dim: int,
+                  multiple: int = CUDNN_BLOCK) -> int:
+  """The sequence length `attend` runs `length` tokens on (for cuDNN, rounded up to
+  `multiple`). A model that pads its tokens to it once saves a copy of q, k, v and the
+  output in every block (see `attend`'s `valid_length`)."""
   if resolve(implementation, dtype, head_dim) == "cudnn":
-    return length + -length % CUDNN_BLOCK
+    return length + -length % multiple
   return length
 
 
@@ -58,7 +59,7 @@ def attend(q, k, v, implementation: str | None = "auto", *, bias=None, scale=Non
   batch, length = q.shape[:2]
   valid = length if valid_length is None else valid_length
   lengths = lambda n: jnp.full((batch,), n, jnp.int32)
-  padding = -length % pad_to if implementation == "cudnn" else 0
+  padding = padded_length(length, implementation, q.dtype, q.shape[-1], pad_to) - length
   if not padding:
     return jax.nn.dot_product_attention(
         q, k, v, bias=bias, scale=scale,

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from bridle_jax.models import masking
-from bridle_jax.models.layers import (Attention, Dtype, Mlp, PatchEmbed, broadcast_param,
-                                      layer_norm, partitioned, rematted)
+from bridle_jax.models.layers import (Attention, Dtype, Mlp, PatchEmbed, layer_norm, partitioned,
+                                      rematted)
 from bridle_jax.models.vit import ViTBackbone, backbone_kwargs
 
 HEAD_INIT_STD = 2e-5
@@ -104,13 +104,12 @@ class Classifier(ViTBackbone):
   def pooled(self, x, train: bool = False):
     """Mean of the blocks' patch-token outputs (CLS excluded), (B, width) float32.
 
-    Tokens are padded once to the attention's length, as in `ViTBackbone.transform`.
+    Tokens are padded once to the attention's length (`ViTBackbone.with_cls`).
     """
     tokens = self.embed(x)
     if train and (self.mask_t_prob > 0 or self.mask_f_prob > 0):
       tokens = self._masked(tokens)
-    cls = broadcast_param(self.cls_token, (tokens.shape[0], 1, self.width), tokens.dtype)
-    h, length = self.pad_for_attention(jnp.concatenate([cls, tokens], axis=1))
+    h, length = self.with_cls(tokens)
     for block in self.blocks:
       h = block(h, train, length)
     return h[:, 1:length].astype(jnp.float32).mean(axis=1)

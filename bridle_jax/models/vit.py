@@ -61,19 +61,17 @@ class ViTBackbone(nn.Module):
     return (tokens.astype(jnp.float32) + pos[None]).astype(self.residual_stream_dtype)
 
   def transform(self, tokens):
-    """Prepends CLS (its pos row is zero), runs the blocks and the final norm.
-
-    Where the attention runs on a longer sequence (cuDNN: an even one), the tokens are
-    padded to it once here and the padding is masked as keys in every block.
-    """
-    cls = broadcast_param(self.cls_token, (tokens.shape[0], 1, self.width), tokens.dtype)
-    x, length = self.pad_for_attention(jnp.concatenate([cls, tokens], axis=1))
+    """Prepends CLS (its pos row is zero), runs the blocks and the final norm."""
+    x, length = self.with_cls(tokens)
     for block in self.blocks:
       x = block(x, length)
     return self.norm(x[:, :length])
 
-  def pad_for_attention(self, x):
-    """(x padded with zero tokens to the length attention runs on, its unpadded length)."""
+  def with_cls(self, tokens):
+    """(CLS + tokens, their count): padded with zero tokens to the length attention runs on
+    (cuDNN: an even one), once for all blocks, which mask the padding as keys."""
+    cls = broadcast_param(self.cls_token, (tokens.shape[0], 1, self.width), tokens.dtype)
+    x = jnp.concatenate([cls, tokens], axis=1)
     length = x.shape[1]
     padded = attention.padded_length(length, self.attention_impl, self.dtype,
                                      self.width // self.num_heads)
