@@ -28,7 +28,8 @@ setup(
         "matplotlib>=3.7,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "kaldi-native-fbank>=1.20,<2", "scikit-learn>=1.4,<2"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "kaldi-native-fbank>=1.20,<2",
+                 "scikit-learn>=1.4,<2"],
         "torch": ["torch>=2.4,<=2.14.1", "safetensors>=0.4"],
     },
 )

@@ -376,6 +376,16 @@ def format_report(report: dict) -> str:
   return "\n".join(f"{name:<22} {value}" for name, value in lines)
 
 
+# Environment variables that change the compiled program; a row names those that were set.
+COMPILER_ENV = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
+
+
+def command_line(args, environ) -> str:
+  """The command a row records: the compiler settings from the environment, then the flags."""
+  env = [f"{name}={shlex.quote(environ[name])}" for name in COMPILER_ENV if environ.get(name)]
+  return " ".join(env + [shlex.join(["python", "-m", "bridle_jax.benchmark", *args])])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -398,7 +408,7 @@ def main(argv):
     reports = sweep_batches(
         lambda b: run_step_benchmark(config, flags.FLAGS.phase, b, flags.FLAGS.steps,
                                      flags.FLAGS.warmup, flags.FLAGS.repeats), batches)
-  command = shlex.join(["python", "-m", "bridle_jax.benchmark", *sys.argv[1:]])
+  command = command_line(sys.argv[1:], os.environ)
   for batch, report in reports.items():
     if report is None:
       print(f"batch {batch}: out of device memory\n")

@@ -95,7 +95,18 @@ def test_command_sweeps_batches_and_appends_a_row_each(tmp_path):
     cells = [c.strip() for c in row.strip("|").split(" | ")]
     assert len(cells) == len(benchmark.STEP_TABLE[1])
     assert cells[1] == "cpu x2" and cells[3:6] == ["encoder", batch, "float32"]
-    assert cells[-1].startswith("`python -m bridle_jax.benchmark --config=configs/audio.py:demo")
+    assert cells[-1].startswith("`XLA_FLAGS=--xla_force_host_platform_device_count=2 "
+                                "python -m bridle_jax.benchmark --config=configs/audio.py:demo")
+
+
+def test_command_line_names_the_compiler_settings_it_ran_with():
+  environ = {"XLA_FLAGS": "--xla_gpu_triton_gemm_any=true --xla_gpu_autotune_level=4",
+             "LIBTPU_INIT_ARGS": "", "HOME": "/root"}
+  assert benchmark.command_line(["--phase=encoder", "--config.data.manifest=a b.json"],
+                                environ) == (
+      "XLA_FLAGS='--xla_gpu_triton_gemm_any=true --xla_gpu_autotune_level=4' "
+      "python -m bridle_jax.benchmark --phase=encoder '--config.data.manifest=a b.json'")
+  assert benchmark.command_line(["--input"], {}) == "python -m bridle_jax.benchmark --input"
 
 
 def test_rows_go_to_their_own_table(tmp_path):
