@@ -29,7 +29,8 @@ def test_bf16_side_of_the_gradient_check_keeps_the_checked_speed_settings():
   config.model.decoder.attention_impl = "pallas"
   low = precision_check.bf16_config(config)
   assert low.model.dtype == "bfloat16"
-  assert (low.model.residual_stream_dtype, low.model.decoder.attention_impl) == ("compute", "pallas")
+  speed = (low.model.residual_stream_dtype, low.model.decoder.attention_impl)
+  assert speed == ("compute", "pallas")
   assert (config.model.dtype, config.model.residual_stream_dtype) == ("float32", "compute")
 
 
