@@ -117,13 +117,15 @@ def test_vits_pad_their_tokens_once_for_cudnn(cudnn_calls, module, method, shape
 def test_vit_attention_projects_q_k_v_with_one_matmul_each():
   """cuDNN takes q, k and v as separate operands: each comes straight out of its own
   matmul, not as a slice of one fused (B, N, 3, heads, head_dim) output (which XLA copies
-  before a custom call), from the same (width, 3, heads, head_dim) kernel."""
+  before a custom call), from the same (width, 3, heads, head_dim) kernel. Only q gets a
+  bias added (the k and v biases are folded away: test_vit)."""
   module = layers.Attention(num_heads=2)
   x = jax.random.normal(jax.random.key(0), (2, 5, 8))
   params = module.init(jax.random.key(1), x)
   jaxpr = str(jax.make_jaxpr(lambda x: module.apply(params, x))(x))
   projections = [line for line in jaxpr.splitlines() if "f32[2,5,2,4] = dot_general" in line]
   assert len(projections) == 3 and "f32[2,5,3,2,4]" not in jaxpr
+  assert jaxpr.count("f32[2,5,2,4] = add") == 1
   assert nn.unbox(params)["params"]["qkv"]["kernel"].shape == (8, 3, 2, 4)
 
 

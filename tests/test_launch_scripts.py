@@ -76,3 +76,23 @@ def test_benchmark_gpu_times_each_phase_with_the_bf16_residual_stream(tmp_path):
   for line, phase in zip(benchmarks, ("encoder", "tokenizer")):
     assert f"--phase={phase} --batch=64,128" in line
     assert line.endswith("--config.model.residual_stream_dtype=compute")
+
+
+@pytest.mark.parametrize("user_flags, expected", [
+    ("", "--xla_gpu_per_fusion_autotune_cache_dir={scratch}/autotune"),
+    ("--xla_gpu_triton_gemm_any=true",
+     "--xla_gpu_triton_gemm_any=true --xla_gpu_per_fusion_autotune_cache_dir={scratch}/autotune"),
+    ("--xla_gpu_per_fusion_autotune_cache_dir=/elsewhere",
+     "--xla_gpu_per_fusion_autotune_cache_dir=/elsewhere"),
+], ids=["empty", "other_flags", "own_directory"])
+def test_benchmark_gpu_keeps_xla_kernel_choices_for_later_runs(tmp_path, user_flags, expected):
+  """Every run sees the autotuning cache directory under SCRATCH, after the caller's own
+  XLA flags; a directory the caller names is left alone."""
+  calls = tmp_path / "calls"
+  python = tmp_path / "python"
+  python.write_text(f'#!/bin/sh\necho "$XLA_FLAGS" >> {calls}\n')
+  python.chmod(0o755)
+  result = _benchmark_gpu(str(python), "encoder", "tokenizer", SCRATCH=str(tmp_path),
+                          XLA_FLAGS=user_flags)
+  assert result.returncode == 0, result.stderr
+  assert set(calls.read_text().splitlines()) == {expected.format(scratch=tmp_path)}

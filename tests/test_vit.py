@@ -153,6 +153,40 @@ def test_attention_matches_pytorch_layout():
   np.testing.assert_allclose(out[0], want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('valid_length', [None, 4])
+def test_attention_with_folded_biases_keeps_outputs_and_gradients(valid_length):
+  """Attention adds only the q bias before softmax and folds the v bias into the output
+  projection: outputs and every gradient equal the textbook form that biases q, k and v
+  (the k bias's gradient is zero in both, up to rounding), also with padded keys."""
+  width, heads, tokens = 8, 2, 5
+  module = Attention(heads)
+  x = jax.random.normal(jax.random.key(0), (3, tokens, width))
+  params = jax.tree.map(lambda a: jax.random.normal(jax.random.key(a.size), a.shape),
+                        nn.unbox(module.init(jax.random.key(1), x))['params'])
+  cotangent = jax.random.normal(jax.random.key(2), x.shape)
+  keys = tokens if valid_length is None else valid_length
+
+  def textbook(p, x):
+    q, k, v = (jnp.einsum('bnd,dhk->bnhk', x, p['qkv']['kernel'][:, i]) + p['qkv']['bias'][i]
+               for i in range(3))
+    logits = jnp.einsum('bqhk,bshk->bhqs', q, k)[..., :keys] / np.sqrt(width // heads)
+    out = jnp.einsum('bhqs,bshk->bqhk', jax.nn.softmax(logits, axis=-1), v[:, :keys])
+    return jnp.einsum('bqhk,hkd->bqd', out, p['proj']['kernel']) + p['proj']['bias']
+
+  def value_and_grads(fn):
+    return jax.value_and_grad(lambda p, x: jnp.sum(fn(p, x) * cotangent), argnums=(0, 1))(
+        params, x)
+
+  (got, got_grads), (want, want_grads) = (
+      value_and_grads(lambda p, x: module.apply({'params': p}, x, valid_length)),
+      value_and_grads(textbook))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(got_grads[0]['qkv']['bias'][1], 0.0)
+  np.testing.assert_allclose(want_grads[0]['qkv']['bias'][1], 0.0, atol=1e-4)
+
+
 def test_initialisation_bounds():
   width = 96
   encoder = small_encoder(width=width, num_heads=3)
@@ -278,10 +312,12 @@ def test_bf16_layers_sum_bias_gradients_in_float32(module, x_shape):
                for o, w in zip(jax.tree.leaves(module.apply(p, x)), weights))
 
   grad = jax.jit(jax.grad(loss))(params)['params']['bias']
-  # q, k and v each carry one row of the (3, heads, head_dim) bias.
-  trailing = grad.shape[1:] if len(weights) == 3 else grad.shape
-  sums = [np.asarray(w, np.float64).reshape(-1, *trailing).sum(0) for w in weights]
-  np.testing.assert_array_equal(grad, np.stack(sums) if len(weights) == 3 else sums[0])
+  total = lambda w, trailing: np.asarray(w, np.float64).reshape(-1, *trailing).sum(0)
+  if len(weights) == 4:  # split: q biased, k unbiased, the value bias returned as it is
+    q_sum = total(weights[0], grad.shape[1:])
+    np.testing.assert_array_equal(grad, np.stack([q_sum, np.zeros_like(q_sum), weights[3]]))
+  else:
+    np.testing.assert_array_equal(grad, total(weights[0], grad.shape))
 
 
 def test_restored_mask_token_gradient_sums_in_float32():

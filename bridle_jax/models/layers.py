@@ -144,9 +144,14 @@ class QKVProjection(nn.Module):
   """q/k/v projection with one (D, 3, heads, head_dim) kernel.
 
   fused=True: (..., D) -> (..., 3, heads, head_dim) from one matmul (what the window
-  kernel reads). fused=False: (q, k, v), each (..., heads, head_dim) from its own matmul
-  on its slice of the kernel, so an attention call that takes them as separate operands
-  (cuDNN) reads them as written instead of a copy of each slice of one fused output.
+  kernel reads). fused=False, for softmax attention: (q, k, v, value_bias), q, k and v each
+  (..., heads, head_dim) from its own matmul on its slice of the kernel, so an attention
+  call that takes them as separate operands (cuDNN) reads them as written instead of a
+  copy of each slice of one fused output. Only q gets its bias there: a key bias adds the
+  same logit to every key of a query, which softmax ignores, and since each query's
+  weights sum to one the value bias passes through attention unchanged, so the caller
+  adds `value_bias` (heads, head_dim) to the attention output or, cheaper, folds it into
+  the output projection's bias (`HeadsProjection`). Both save a pass over k or v.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -168,18 +173,22 @@ class QKVProjection(nn.Module):
     x, kernel = jnp.asarray(x, self.dtype), kernel.astype(self.dtype)
     if self.fused:
       return add_bias(jnp.einsum('...d,dshk->...shk', x, kernel), bias)
-    return tuple(add_bias(jnp.einsum('...d,dhk->...hk', x, kernel[:, part]), bias[part])
-                 for part in range(3))
+    q, k, v = (jnp.einsum('...d,dhk->...hk', x, kernel[:, part]) for part in range(3))
+    return add_bias(q, bias[0]), k, v, bias[2]
 
 
 class HeadsProjection(nn.Module):
-  """Output projection: (..., heads, head_dim) -> (..., width)."""
+  """Output projection: (..., heads, head_dim) -> (..., width).
+
+  value_bias (heads, head_dim), optional: a bias of the input, folded into the output bias
+  in the params' dtype (see `QKVProjection`).
+  """
   width: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, value_bias=None):
     shape = x.shape[-2:] + (self.width,)
     kernel = self.param(
         'kernel',
@@ -188,6 +197,8 @@ class HeadsProjection(nn.Module):
         shape, self.param_dtype)
     bias = self.param('bias', partitioned(nn.initializers.zeros, 'embed'),
                       (self.width,), self.param_dtype)
+    if value_bias is not None:
+      bias = bias + jnp.einsum('hk,hkd->d', value_bias, kernel)
     x = jnp.asarray(x, self.dtype)
     return add_bias(jnp.einsum('...hk,hkd->...d', x, kernel.astype(self.dtype)), bias)
 
@@ -202,10 +213,11 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, valid_length: int | None = None):
     """valid_length: tokens after the first `valid_length` are padding, attended by none."""
-    q, k, v = QKVProjection(self.num_heads, self.dtype, self.param_dtype, fused=False,
-                            name='qkv')(x)  # each (B, N, heads, kv)
+    q, k, v, value_bias = QKVProjection(self.num_heads, self.dtype, self.param_dtype,
+                                        fused=False, name='qkv')(x)  # each (B, N, heads, kv)
     out = attention.attend(q, k, v, self.attention_impl, valid_length=valid_length)
-    return HeadsProjection(x.shape[-1], self.dtype, self.param_dtype, name='proj')(out)
+    return HeadsProjection(x.shape[-1], self.dtype, self.param_dtype, name='proj')(
+        out, value_bias)
 
 
 class Block(nn.Module):
