@@ -262,19 +262,22 @@ def test_config_names_a_bad_speed_or_restart_setting(overrides, message):
 @pytest.mark.parametrize("shift", [0, 2], ids=["unshifted", "shifted"])
 def test_pallas_window_attention_equals_the_xla_one(shift):
   """The fused kernel (interpreted on this CPU) against the XLA path: in float32 the same
-  output and gradients, tau and the meta-MLP bias included; in bfloat16 no further from
-  the float32 numbers than the XLA path is (tau's gradient, a sum with cancellation, is
-  where bfloat16 rounding shows most)."""
+  output and gradients, tau and the meta-MLP bias included, also with the q/k/v bias
+  (which the kernel adds on chip) away from its zero initialisation; in bfloat16 no
+  further from the float32 numbers than the XLA path is (tau's gradient, a sum with
+  cancellation, is where bfloat16 rounding shows most)."""
   grid, window = (8, 8), (4, 4)  # 4 windows of 16 tokens, head dim 16
   mask = decoder.shift_attention_mask(grid, window, shift) if shift else None
   x = jax.random.normal(jax.random.key(0), (2, 4, 16, 32)).astype(jnp.bfloat16)
   cotangent = jax.random.normal(jax.random.key(1), x.shape)
 
-  def value_and_grads(dtype, impl):
+  def value_and_grads(dtype, impl, qkv_bias=None):
     module = decoder.WindowAttention(num_heads=2, window=window, dtype=dtype,
                                      attention_impl=impl)
     params = dict(module.init(jax.random.key(2), x, mask)["params"])
     params["tau"] = jnp.array([0.3, 2.0])
+    if qkv_bias is not None:
+      params["qkv"] = dict(params["qkv"], bias=qkv_bias)
     loss = lambda p, x: jnp.sum(module.apply({"params": p}, x, mask).astype(jnp.float32)
                                 * cotangent)
     out = jax.value_and_grad(loss, argnums=(0, 1))(params, x.astype(dtype))
@@ -287,6 +290,10 @@ def test_pallas_window_attention_equals_the_xla_one(shift):
             for (path, e), (_, g) in zip(expected, got)
             if not ("fc2" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path))}
 
+  qkv_bias = jax.random.normal(jax.random.key(3), (3, 2, 16))
+  with_bias = errors(value_and_grads(jnp.float32, "pallas", qkv_bias),
+                     value_and_grads(jnp.float32, "xla", qkv_bias))
+  assert max(with_bias.values()) < 1e-4 and "['qkv']['bias']" in " ".join(with_bias)
   reference = value_and_grads(jnp.float32, "xla")
   assert max(errors(value_and_grads(jnp.float32, "pallas"), reference).values()) < 1e-4
   xla_bf16 = errors(value_and_grads(jnp.bfloat16, "xla"), reference)
@@ -315,25 +322,28 @@ def test_pallas_window_attention_runs_on_each_devices_share_of_a_sharded_batch(s
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 1, 2),
                            ("data", "fsdp", "model"))
   data, heads = ("data", "fsdp"), "model"
-  keys = jax.random.split(jax.random.key(0), 4)
+  keys = jax.random.split(jax.random.key(0), 5)
   qkv = jax.random.normal(keys[0], (8, 4, 16, 3, 2, 16))  # 8 samples of 4 windows
+  qkv_bias = jax.random.normal(keys[3], (3, 2, 16))
   inv_tau = jnp.array([0.5, 1.5])
   bias = jax.random.normal(keys[1], (2, 16, 16))
   cotangent = jax.random.normal(keys[2], (8, 4, 16, 2, 16))
   mask = decoder.shift_attention_mask((8, 8), (4, 4), 2)  # differs between the 4 windows
 
-  def loss(qkv, inv_tau, bias, cotangent):
-    out = window_attention_kernel.window_attention(qkv, inv_tau, bias, mask)
+  def loss(qkv, qkv_bias, inv_tau, bias, cotangent):
+    out = window_attention_kernel.window_attention(qkv, inv_tau, bias, mask, qkv_bias=qkv_bias)
     return jnp.sum(out * cotangent)
 
-  value_and_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))
+  value_and_grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
   spec = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
   samples, windows = (None, data) if split_windows else (data, None)
   per_qkv, per_out, per_head = (spec(samples, windows, None, None, heads),
                                 spec(samples, windows, None, heads), spec(heads))
-  sharded = jax.jit(value_and_grads, in_shardings=(per_qkv, per_head, per_head, per_out),
-                    out_shardings=(spec(), (per_qkv, per_head, per_head)))
-  args = (qkv, inv_tau, bias, cotangent)
+  per_qkv_bias = spec(None, heads)
+  sharded = jax.jit(
+      value_and_grads, in_shardings=(per_qkv, per_qkv_bias, per_head, per_head, per_out),
+      out_shardings=(spec(), (per_qkv, per_qkv_bias, per_head, per_head)))
+  args = (qkv, qkv_bias, inv_tau, bias, cotangent)
   if not split_windows:
     assert "all-gather" not in sharded.lower(*args).compile().as_text()
   for got, expected in zip(jax.tree.leaves(sharded(*args)),

@@ -127,7 +127,10 @@ class WindowAttention(nn.Module):
   def __call__(self, x, mask=None, deterministic: bool = True):
     """x: (B, windows, n, D); mask: NumPy (windows, n, n) additive or None."""
     n, dim = x.shape[2:]
-    qkv = layers.QKVProjection(self.num_heads, self.dtype, self.param_dtype, name="qkv")(x)
+    on_chip = resolve_window_impl(self.attention_impl, self.dtype, n,
+                                  dim // self.num_heads) == "pallas"
+    qkv = layers.QKVProjection(self.num_heads, self.dtype, self.param_dtype,
+                               bias_apart=on_chip, name="qkv")(x)
     tau = self.param("tau", layers.partitioned(nn.initializers.ones, "heads"),
                      (self.num_heads,), self.param_dtype)
     inv_tau = 1.0 / jnp.maximum(tau.astype(jnp.float32), 0.01)
@@ -135,8 +138,9 @@ class WindowAttention(nn.Module):
                    name="meta_mlp")(relative_coordinates_log(self.window), deterministic)
     bias = bias.T.reshape(self.num_heads, n, n)
 
-    if resolve_window_impl(self.attention_impl, qkv.dtype, n, qkv.shape[-1]) == "pallas":
-      out = window_attention_kernel.window_attention(qkv, inv_tau, bias, mask)
+    if on_chip:  # the kernel adds the projection's bias itself
+      qkv, qkv_bias = qkv
+      out = window_attention_kernel.window_attention(qkv, inv_tau, bias, mask, qkv_bias=qkv_bias)
     else:
       q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
       q = (_unit(q) * inv_tau[:, None]).astype(self.dtype)

@@ -144,19 +144,23 @@ class QKVProjection(nn.Module):
   """q/k/v projection with one (D, 3, heads, head_dim) kernel.
 
   fused=True: (..., D) -> (..., 3, heads, head_dim) from one matmul (what the window
-  kernel reads). fused=False, for softmax attention: (q, k, v, value_bias), q, k and v each
-  (..., heads, head_dim) from its own matmul on its slice of the kernel, so an attention
-  call that takes them as separate operands (cuDNN) reads them as written instead of a
-  copy of each slice of one fused output. Only q gets its bias there: a key bias adds the
-  same logit to every key of a query, which softmax ignores, and since each query's
-  weights sum to one the value bias passes through attention unchanged, so the caller
-  adds `value_bias` (heads, head_dim) to the attention output or, cheaper, folds it into
-  the output projection's bias (`HeadsProjection`). Both save a pass over k or v.
+  kernel reads); with bias_apart=True, (that projection without its bias, the (3, heads,
+  head_dim) bias), for a kernel that adds the bias on chip.
+
+  fused=False, for softmax attention: (q, k, v, value_bias), q, k and v each (..., heads,
+  head_dim) from its own matmul on its slice of the kernel, so an attention call that
+  takes them as separate operands (cuDNN) reads them as written instead of a copy of each
+  slice of one fused output. Only q gets its bias there: a key bias adds the same logit to
+  every key of a query, which softmax ignores, and since each query's weights sum to one
+  the value bias passes through attention unchanged, so the caller adds `value_bias`
+  (heads, head_dim) to the attention output or, cheaper, folds it into the output
+  projection's bias (`HeadsProjection`). Both save a pass over k or v.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   fused: bool = True
+  bias_apart: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -172,7 +176,8 @@ class QKVProjection(nn.Module):
                       shape[1:], self.param_dtype)
     x, kernel = jnp.asarray(x, self.dtype), kernel.astype(self.dtype)
     if self.fused:
-      return add_bias(jnp.einsum('...d,dshk->...shk', x, kernel), bias)
+      projection = jnp.einsum('...d,dshk->...shk', x, kernel)
+      return (projection, bias) if self.bias_apart else add_bias(projection, bias)
     q, k, v = (jnp.einsum('...d,dhk->...hk', x, kernel[:, part]) for part in range(3))
     return add_bias(q, bias[0]), k, v, bias[2]
 

@@ -4,15 +4,16 @@ XLA runs window attention as a dozen kernels over tensors as large as the activa
 (16x16 logits per window and head in float32, their softmax, the normalised q and k, the
 slices of the fused qkv); on an H200 those took about a fifth of the audio encoder
 phase's step. Here one Triton program takes `WINDOWS_PER_PROGRAM` windows of one head
-straight from the fused qkv projection and keeps the rest on chip: normalisation, logits,
-bias, shift mask, softmax and the weighted sum forward; the recomputed softmax and all
-gradients backward, written straight into the fused layout. Off a GPU the kernels run in
-Pallas' interpreter (slow; for tests). Under a sharded jit each device runs them on its
-own samples and heads (samples are never split).
+straight from the fused qkv projection and keeps the rest on chip: the projection's bias,
+normalisation, logits, bias, shift mask, softmax and the weighted sum forward; the
+recomputed softmax and all gradients backward, written straight into the fused layout.
+Off a GPU the kernels run in Pallas' interpreter (slow; for tests). Under a sharded jit
+each device runs them on its own samples and heads (samples are never split).
 
-Numerics follow `decoder.WindowAttention`'s XLA path: q̂ = q / max(|q|, 1e-6) / max(τ, 0.01)
-and k̂ = k / max(|k|, 1e-6) in float32, cast to the compute dtype for the logit matmul,
-logits and softmax in float32, probabilities cast to the compute dtype for the sum over v.
+Numerics follow `decoder.WindowAttention`'s XLA path, except that the projection's bias is
+added in float32: q̂ = q / max(|q|, 1e-6) / max(τ, 0.01) and k̂ = k / max(|k|, 1e-6) in
+float32, cast to the compute dtype for the logit matmul, logits and softmax in float32,
+probabilities cast to the compute dtype for the sum over v.
 """
 import functools
 from typing import NamedTuple
@@ -98,23 +99,31 @@ def _window(q, k, inv_tau, bias, mask, dtype) -> _Window:
   return _Window(q_unit, q_scale, q_hat, k_unit, k_scale, k_hat, logits)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, tau_ref, bias_ref, mask_ref, out_ref, lse_ref, *,
-                    plan: Plan):
+def _biased(refs, bias_refs, g):
+  """Window g's q, k (float32) and v (its own dtype), each plus its bias."""
+  q, k, v = (ref[g].astype(jnp.float32) + bias_ref[...][None]
+             for ref, bias_ref in zip(refs, bias_refs))
+  return q, k, v.astype(refs[2].dtype)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, qb_ref, kb_ref, vb_ref, tau_ref, bias_ref, mask_ref,
+                    out_ref, lse_ref, *, plan: Plan):
   dtype = v_ref.dtype
   inv_tau, bias = tau_ref[...], bias_ref[...]
   for g in range(plan.per_program):
     mask = mask_ref[g] if plan.has_mask else None
-    logits = _window(q_ref[g], k_ref[g], inv_tau, bias, mask, dtype).logits
+    q, k, v = _biased((q_ref, k_ref, v_ref), (qb_ref, kb_ref, vb_ref), g)
+    logits = _window(q, k, inv_tau, bias, mask, dtype).logits
     peak = jnp.max(logits, axis=1)
     weights = jnp.exp(logits - peak[:, None])
     total = jnp.sum(weights, axis=1)
     probs = (weights / total[:, None]).astype(dtype)
-    out_ref[g] = jnp.dot(probs, v_ref[g], preferred_element_type=jnp.float32).astype(dtype)
+    out_ref[g] = jnp.dot(probs, v, preferred_element_type=jnp.float32).astype(dtype)
     lse_ref[g] = peak + jnp.log(total)
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, tau_ref, bias_ref, mask_ref, out_ref, lse_ref,
-                     dout_ref, dqkv_ref, dtau_ref, dbias_ref, *, plan: Plan):
+def _backward_kernel(q_ref, k_ref, v_ref, qb_ref, kb_ref, vb_ref, tau_ref, bias_ref, mask_ref,
+                     out_ref, lse_ref, dout_ref, dqkv_ref, dtau_ref, dbias_ref, *, plan: Plan):
   dtype = v_ref.dtype
   head, first = pl.program_id(0), pl.program_id(1) * plan.per_program
   inv_tau, bias = tau_ref[...], bias_ref[...]
@@ -122,11 +131,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, tau_ref, bias_ref, mask_ref, out_ref, 
   dtau = jnp.zeros(inv_tau.shape, jnp.float32)
   for g in range(plan.per_program):
     mask = mask_ref[g] if plan.has_mask else None
-    w = _window(q_ref[g], k_ref[g], inv_tau, bias, mask, dtype)
+    q, k, v = _biased((q_ref, k_ref, v_ref), (qb_ref, kb_ref, vb_ref), g)
+    w = _window(q, k, inv_tau, bias, mask, dtype)
     probs = jnp.exp(w.logits - lse_ref[g][:, None])
     dout = dout_ref[g]
     dv = jnp.dot(probs.astype(dtype).T, dout, preferred_element_type=jnp.float32)
-    dprobs = jnp.dot(dout, v_ref[g].T, preferred_element_type=jnp.float32)
+    dprobs = jnp.dot(dout, v.T, preferred_element_type=jnp.float32)
     row_dot = jnp.sum(dout.astype(jnp.float32) * out_ref[g].astype(jnp.float32), axis=1)
     dlogits = probs * (dprobs - row_dot[:, None])
     dbias += dlogits
@@ -151,8 +161,12 @@ def _specs(qkv_shape, plan: Plan):
   def qkv_part(part):
     return pl.BlockSpec((g, n, None, None, head_dim), lambda h, i: (i, 0, part, h, 0))
 
+  def qkv_bias_part(part):
+    return pl.BlockSpec((None, None, head_dim), lambda h, i: (part, h, 0))
+
   return dict(
       q=qkv_part(0), k=qkv_part(1), v=qkv_part(2),
+      qkv_bias=[qkv_bias_part(part) for part in range(3)],
       tau=pl.BlockSpec((None, n), lambda h, i: (h, 0)),
       bias=pl.BlockSpec((None, n, n), lambda h, i: (h, 0, 0)),
       mask=pl.BlockSpec((g, n, n), lambda h, i: (i % mask_blocks, 0, 0)),
@@ -178,6 +192,7 @@ def _call(kernel, plan: Plan, qkv_shape, in_specs, out_specs, out_shape):
 # q/k/v part p, head dim k, programs per sample c) are kept whole on every device, so a
 # device always holds whole samples.
 _QKV = ("samples", "w", "n", "p", "heads", "k")
+_QKV_BIAS = ("p", "heads", "k")
 _HEADS = ("samples", "w", "n", "heads", "k")
 _LSE = ("samples", "w", "heads", "n")
 _TAU = ("heads", "n")
@@ -185,8 +200,8 @@ _BIAS = ("heads", "n", "m")
 _MASK = ("w", "n", "m")
 _PARTIAL_TAU = ("samples", "c", "heads", "n")
 _PARTIAL_BIAS = ("samples", "c", "heads", "n", "m")
-_FORWARD_AXES = ((_QKV, _TAU, _BIAS, _MASK), (_HEADS, _LSE))
-_BACKWARD_AXES = ((_QKV, _TAU, _BIAS, _MASK, _HEADS, _LSE, _HEADS),
+_FORWARD_AXES = ((_QKV, _QKV_BIAS, _TAU, _BIAS, _MASK), (_HEADS, _LSE))
+_BACKWARD_AXES = ((_QKV, _QKV_BIAS, _TAU, _BIAS, _MASK, _HEADS, _LSE, _HEADS),
                   (_QKV, _PARTIAL_TAU, _PARTIAL_BIAS))
 _FACTORS = {"samples": "s", "heads": "h"}
 
@@ -212,22 +227,23 @@ def _partitioned(fn, axes):
   return op
 
 
-def _forward_call(qkv, tau_rows, bias, mask, plan):
+def _forward_call(qkv, qkv_bias, tau_rows, bias, mask, plan):
   """(samples, windows, n, 3, H, K) -> out (samples, windows, n, H, K), lse."""
   samples, windows, n, _, heads, head_dim = qkv.shape
   flat = qkv.reshape(samples * windows, *qkv.shape[2:])
   s = _specs(flat.shape, plan)
   out, lse = _call(
       _forward_kernel, plan, flat.shape,
-      [s["q"], s["k"], s["v"], s["tau"], s["bias"], s["mask"]], [s["heads"], s["lse"]],
+      [s["q"], s["k"], s["v"], *s["qkv_bias"], s["tau"], s["bias"], s["mask"]],
+      [s["heads"], s["lse"]],
       [jax.ShapeDtypeStruct((samples * windows, n, heads, head_dim), qkv.dtype),
        jax.ShapeDtypeStruct((samples * windows, heads, n), jnp.float32)])(
-           flat, flat, flat, tau_rows, bias, mask)
+           flat, flat, flat, qkv_bias, qkv_bias, qkv_bias, tau_rows, bias, mask)
   return (out.reshape(samples, windows, *out.shape[1:]),
           lse.reshape(samples, windows, *lse.shape[1:]))
 
 
-def _backward_call(qkv, tau_rows, bias, mask, out, lse, dout, plan):
+def _backward_call(qkv, qkv_bias, tau_rows, bias, mask, out, lse, dout, plan):
   """Gradients: dqkv like qkv, and per-program partial sums of dtau and dbias."""
   samples, windows, n, _, heads, _ = qkv.shape
   flat = lambda t: t.reshape(samples * windows, *t.shape[2:])
@@ -235,14 +251,14 @@ def _backward_call(qkv, tau_rows, bias, mask, out, lse, dout, plan):
   s = _specs(flat(qkv).shape, plan)
   dqkv, dtau, dbias = _call(
       _backward_kernel, plan, flat(qkv).shape,
-      [s["q"], s["k"], s["v"], s["tau"], s["bias"], s["mask"], s["heads"], s["lse"],
-       s["heads"]],
+      [s["q"], s["k"], s["v"], *s["qkv_bias"], s["tau"], s["bias"], s["mask"], s["heads"],
+       s["lse"], s["heads"]],
       [s["whole"], s["partial_tau"], s["partial_bias"]],
       [jax.ShapeDtypeStruct(flat(qkv).shape, qkv.dtype),
        jax.ShapeDtypeStruct((programs, heads, n), jnp.float32),
        jax.ShapeDtypeStruct((programs, heads, n, n), jnp.float32)])(
-           flat(qkv), flat(qkv), flat(qkv), tau_rows, bias, mask, flat(out), flat(lse),
-           flat(dout))
+           flat(qkv), flat(qkv), flat(qkv), qkv_bias, qkv_bias, qkv_bias, tau_rows, bias, mask,
+           flat(out), flat(lse), flat(dout))
   per_sample = programs // samples
   return (dqkv.reshape(qkv.shape), dtau.reshape(samples, per_sample, *dtau.shape[1:]),
           dbias.reshape(samples, per_sample, *dbias.shape[1:]))
@@ -252,35 +268,39 @@ _forward_op = _partitioned(_forward_call, _FORWARD_AXES)
 _backward_op = _partitioned(_backward_call, _BACKWARD_AXES)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(qkv, tau_rows, bias, mask, plan):
-  return _forward_op(qkv, tau_rows, bias, mask, plan)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(qkv, qkv_bias, tau_rows, bias, mask, plan):
+  return _forward_op(qkv, qkv_bias, tau_rows, bias, mask, plan)[0]
 
 
-def _attention_forward(qkv, tau_rows, bias, mask, plan):
-  out, lse = _forward_op(qkv, tau_rows, bias, mask, plan)
-  return out, (qkv, tau_rows, bias, mask, out, lse)
+def _attention_forward(qkv, qkv_bias, tau_rows, bias, mask, plan):
+  out, lse = _forward_op(qkv, qkv_bias, tau_rows, bias, mask, plan)
+  return out, (qkv, qkv_bias, tau_rows, bias, mask, out, lse)
 
 
 def _attention_backward(plan, residuals, dout):
-  qkv, tau_rows, bias, mask, out, lse = residuals
-  dqkv, dtau, dbias = _backward_op(qkv, tau_rows, bias, mask, out, lse,
+  qkv, qkv_bias, tau_rows, bias, mask, out, lse = residuals
+  dqkv, dtau, dbias = _backward_op(qkv, qkv_bias, tau_rows, bias, mask, out, lse,
                                    dout.astype(qkv.dtype), plan)
-  return dqkv, jnp.sum(dtau, axis=(0, 1)), jnp.sum(dbias, axis=(0, 1)), jnp.zeros_like(mask)
+  dqkv_bias = jnp.sum(dqkv, axis=(0, 1, 2), dtype=jnp.float32)  # over every token
+  return (dqkv, dqkv_bias, jnp.sum(dtau, axis=(0, 1)), jnp.sum(dbias, axis=(0, 1)),
+          jnp.zeros_like(mask))
 
 
 _attention.defvjp(_attention_forward, _attention_backward)
 
 
-def window_attention(qkv, inv_tau, bias, mask, *,
+def window_attention(qkv, inv_tau, bias, mask, *, qkv_bias=None,
                      windows_per_program: int = WINDOWS_PER_PROGRAM,
                      num_warps: int = NUM_WARPS):
   """Scaled cosine attention inside each window, fused.
 
   qkv: (batch, windows, n, 3, heads, head_dim) un-normalised projections of each sample's
   windows of n tokens; inv_tau: (heads,) 1 / max(τ, 0.01); bias: (heads, n, n) additive
-  logits; mask: NumPy (windows, n, n) additive or None. Returns (batch, windows, n, heads,
-  head_dim) in qkv's dtype; differentiable in qkv, inv_tau and bias. `windows_per_program`
+  logits; mask: NumPy (windows, n, n) additive or None; qkv_bias: (3, heads, head_dim) or
+  None, added to q, k and v on chip (no pass over the projection to add it beforehand;
+  its gradient is summed in float32). Returns (batch, windows, n, heads, head_dim) in
+  qkv's dtype; differentiable in qkv, qkv_bias, inv_tau and bias. `windows_per_program`
   (a power of two; lowered until it divides the windows) and `num_warps` set the Triton
   programs' size.
   """
@@ -297,7 +317,12 @@ def window_attention(qkv, inv_tau, bias, mask, *,
   plan = _plan(num_windows, windows_per_program, num_warps, has_mask=mask is not None)
   if mask is None:
     mask = np.zeros((num_windows, n, n), np.float32)
+  if qkv_bias is None:
+    qkv_bias = jnp.zeros((3, heads, head_dim), jnp.float32)
+  if qkv_bias.shape != (3, heads, head_dim):
+    raise ValueError(f"window attention 'pallas': qkv_bias {qkv_bias.shape} is not (3, heads, "
+                     f"head_dim) = {(3, heads, head_dim)}")
   # 1/τ as one row of n per head: Triton blocks are vectors of at least 16, not scalars.
   tau_rows = jnp.broadcast_to(inv_tau.astype(jnp.float32)[:, None], (heads, n))
-  return _attention(qkv, tau_rows, bias.astype(jnp.float32), jnp.asarray(mask, jnp.float32),
-                    plan)
+  return _attention(qkv, qkv_bias.astype(jnp.float32), tau_rows, bias.astype(jnp.float32),
+                    jnp.asarray(mask, jnp.float32), plan)
