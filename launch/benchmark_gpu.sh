@@ -10,8 +10,9 @@
 # instead of the Pallas kernel a GPU takes by default), tokenizer, joint,
 # encoder_bf16_residual and tokenizer_bf16_residual (with model.residual_stream_dtype=compute:
 # bf16 between the ViT blocks); each a sweep over $BATCHES in the config's dtype, bf16;
-# profile (a trace of 3 encoder and 3 tokenizer steps at batch 128 and the device time
-# per op, in $SCRATCH/profile/<phase>), input (the host pipeline on 10 s clips written to
+# profile (a trace of 3 encoder and 3 tokenizer steps at the last batch size of $BATCHES,
+# whose compiled steps a sweep before it leaves in the cache, and the device time per op,
+# in $SCRATCH/profile/<phase>), input (the host pipeline on 10 s clips written to
 # $SCRATCH/clips10) and precision (bf16 against float32 on the demo, in $SCRATCH). Each
 # batch size of a ViT-B phase spends about two minutes compiling on an H100-class GPU:
 # name a few runs per call where a call's time is short. Compiled programs are cached in
@@ -65,7 +66,8 @@ run() {
     attention) "$PYTHON" -m bridle_jax.benchmark_attention --config="$CONFIG" --batch=128 ;;
     profile)
       for phase in encoder tokenizer; do
-        "$PYTHON" -m bridle_jax.profile_step --config="$CONFIG" --phase="$phase" --batch=128 \
+        "$PYTHON" -m bridle_jax.profile_step --config="$CONFIG" --phase="$phase" \
+          --batch="${BATCHES##*,}" \
           --out_dir="$SCRATCH/profile/$phase" || return 1
       done ;;
     input)
