@@ -49,9 +49,14 @@ def _add_bias_forward(y, bias):
   return add_bias(y, bias), bias
 
 
-def _add_bias_backward(bias, grad):
+def bias_gradient(grad, bias):
+  """The gradient of `bias` added over `grad`'s leading axes: their sum, in float32."""
   axes = tuple(range(grad.ndim - bias.ndim))
-  return grad, jnp.sum(grad, axis=axes, dtype=jnp.float32).astype(bias.dtype)
+  return jnp.sum(grad, axis=axes, dtype=jnp.float32).astype(bias.dtype)
+
+
+def _add_bias_backward(bias, grad):
+  return grad, bias_gradient(grad, bias)
 
 
 add_bias.defvjp(_add_bias_forward, _add_bias_backward)

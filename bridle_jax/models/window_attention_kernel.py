@@ -26,6 +26,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec
 
+from bridle_jax.models import layers
+
 NORM_EPS = 1e-6
 # The fastest program size on an H100 at the audio recipe's shapes (4x4 windows, head size
 # 32, batch 128): 0.46 ms forward + backward per shifted block, against 0.50-0.82 ms for
@@ -282,9 +284,8 @@ def _attention_backward(plan, residuals, dout):
   qkv, qkv_bias, tau_rows, bias, mask, out, lse = residuals
   dqkv, dtau, dbias = _backward_op(qkv, qkv_bias, tau_rows, bias, mask, out, lse,
                                    dout.astype(qkv.dtype), plan)
-  dqkv_bias = jnp.sum(dqkv, axis=(0, 1, 2), dtype=jnp.float32)  # over every token
-  return (dqkv, dqkv_bias, jnp.sum(dtau, axis=(0, 1)), jnp.sum(dbias, axis=(0, 1)),
-          jnp.zeros_like(mask))
+  return (dqkv, layers.bias_gradient(dqkv, qkv_bias), jnp.sum(dtau, axis=(0, 1)),
+          jnp.sum(dbias, axis=(0, 1)), jnp.zeros_like(mask))
 
 
 _attention.defvjp(_attention_forward, _attention_backward)
