@@ -1,15 +1,16 @@
-"""Test setup: eight emulated CPU devices so sharded code paths run on any machine."""
+"""Test setup: eight emulated CPU devices so sharded code paths run on any machine, and
+quick CPU compilation."""
 import os
 import tempfile
+
+import cpu_env
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CLI tests start many processes that compile the same programs: share compilations.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "bridle_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cpu_env.xla_flags(8)).strip()
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 

@@ -13,6 +13,8 @@ from bridle_jax.data import demo
 from bridle_jax.models import window_attention_kernel
 from configs import audio as audio_config
 
+import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -76,8 +78,7 @@ def test_sharded_encoder_step_runs_with_the_pallas_window_kernel():
 def test_command_sweeps_batches_and_appends_a_row_each(tmp_path):
   table = tmp_path / "BENCHMARKS.md"
   table.write_text("# Benchmarks\n\nintro\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = cpu_env.subprocess_env(2)
   result = subprocess.run(
       [sys.executable, "-m", "bridle_jax.benchmark", "--config=configs/audio.py:demo",
        "--config.model.depth=1", "--phase=encoder", "--batch=8,16", "--steps=2", "--warmup=1",
@@ -95,7 +96,7 @@ def test_command_sweeps_batches_and_appends_a_row_each(tmp_path):
     cells = [c.strip() for c in row.strip("|").split(" | ")]
     assert len(cells) == len(benchmark.STEP_TABLE[1])
     assert cells[1] == "cpu x2" and cells[3:6] == ["encoder", batch, "float32"]
-    assert cells[-1].startswith("`XLA_FLAGS=--xla_force_host_platform_device_count=2 "
+    assert cells[-1].startswith(f"`XLA_FLAGS='{cpu_env.xla_flags(2)}' "
                                 "python -m bridle_jax.benchmark --config=configs/audio.py:demo")
 
 

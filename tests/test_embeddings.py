@@ -17,6 +17,8 @@ from bridle_jax.evaluate import fast_probe
 from bridle_jax.evaluate import verdict
 from configs import audio as audio_config
 
+import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -51,7 +53,7 @@ def _manifest_with_missing_clip(corpus, tmp_path):
 
 
 def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env.subprocess_env(1)
   return subprocess.run([sys.executable, "-m", "bridle_jax.evaluate.embeddings", *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=300)
 
@@ -128,7 +130,7 @@ def test_verdict_reports_both_probe_accuracies_and_codebook_usage(pretrained):
 
 
 def test_fast_probe_mode_of_the_main_cli(pretrained, corpus, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env.subprocess_env(1)
   result = subprocess.run(
       [sys.executable, "-m", "bridle_jax.main", "--config=configs/finetune_audio.py:demo",
        f"--workdir={tmp_path}", "--mode=probe", "--config.finetune.fast_probe=True",

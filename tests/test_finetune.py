@@ -26,6 +26,8 @@ from bridle_jax.train import preemption
 from configs import audio as audio_config
 from configs import finetune_audio
 
+import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -253,7 +255,7 @@ def test_preempted_fine_tuning_saves_and_resumes_to_the_same_result(corpus, tmp_
 
 
 def _run_cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = cpu_env.subprocess_env(2)
   return subprocess.run([sys.executable, "-m", "bridle_jax.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 

@@ -19,6 +19,8 @@ from bridle_jax.data import audio
 from bridle_jax.data import demo
 from configs import audio as audio_config
 
+import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 16000
 
@@ -110,7 +112,7 @@ def test_pretraining_with_five_percent_bad_files_completes_and_counts(bad_corpus
 
 
 def _cli(workdir, *overrides, wait=True):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env.subprocess_env(1)
   args = [sys.executable, "-m", "bridle_jax.main", "--config=configs/audio.py:demo",
           f"--workdir={workdir}", "--config.checkpoint_every=4", "--config.log_every=4",
           *overrides]

@@ -9,12 +9,13 @@ import pytest
 from bridle_jax import config_validation
 from configs import audio as audio_config
 
+import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, devices=1):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = cpu_env.subprocess_env(devices)
   return subprocess.run([sys.executable, "-m", "bridle_jax.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 

@@ -11,6 +11,8 @@ import pytest
 
 from bridle_jax.data import demo
 
+import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
 
@@ -38,8 +40,7 @@ def _free_port() -> int:
 def _launch(corpus, workdir) -> list[subprocess.Popen]:
   """Both processes of a 2 x 2-device job running the encoder phase, reusing codes."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env.subprocess_env(2)
   return [subprocess.Popen(
       [sys.executable, "-m", "bridle_jax.main", "--config=configs/audio.py:demo",
        f"--workdir={workdir}", "--distributed", f"--coordinator_address=localhost:{port}",
@@ -89,8 +90,7 @@ def test_two_processes_preempt_at_one_step_and_resume(corpus, tmp_path):
           f"jax.distributed.initialize('localhost:{port}', 2, int(sys.argv[1])); "
           f"_, _, tree = workdir.load_pretrained({str(tmp_path)!r}); "
           "print(sum(float(np.abs(np.asarray(x)).sum()) for x in jax.tree.leaves(tree)))")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env.subprocess_env(2)
   loaders = [subprocess.Popen([sys.executable, "-c", load, str(i)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

@@ -17,6 +17,8 @@ from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import demo
 from configs import audio as audio_config
 
+import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -146,7 +148,7 @@ def test_checkpoint_round_trip_restores_state_and_data_position(corpus, tmp_path
 
 
 def _cli(workdir, corpus, *overrides):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env.subprocess_env(1)
   args = [sys.executable, "-m", "bridle_jax.main", "--config=configs/audio.py:demo",
           f"--workdir={workdir}", "--config.data.demo_dir=",
           f"--config.data.manifest={corpus['train']}",
