@@ -24,12 +24,11 @@ setup(
         "soxr>=0.5,<2",
         "etils[epath]>=1.7",
         "array-record>=0.7",
-        "tensorboardX>=2.6,<3",
         "matplotlib>=3.7,<4",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "kaldi-native-fbank>=1.20,<2",
-                 "scikit-learn>=1.4,<2"],
+                 "scikit-learn>=1.4,<2", "tensorboardX>=2.6,<3"],
         "torch": ["torch>=2.4,<=2.14.1", "safetensors>=0.4"],
     },
 )

@@ -24,11 +24,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from bridle_jax import distributed
-from bridle_jax import driver
 from bridle_jax import files
 from bridle_jax import prepare
-from bridle_jax.data import report
-from bridle_jax.evaluate import finetune
 from bridle_jax.train import preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/audio.py:demo.")
@@ -97,11 +94,15 @@ def main(argv):
     _check_writable(workdir)
     prepare.prepare(config, workdir)
     mode = _MODE.value or config.get("mode", "train")
+    # Each mode imports what it runs: a bad flag or config fails in a second or two.
     if mode == "data":
+      from bridle_jax.data import report  # pylint: disable=g-import-not-at-top
       result = report.run_data_report(config, _DATA_BATCHES.value)
     elif mode in ("finetune", "probe"):
+      from bridle_jax.evaluate import finetune  # pylint: disable=g-import-not-at-top
       result = finetune.run(config, workdir, mode)
     else:
+      from bridle_jax import driver  # pylint: disable=g-import-not-at-top
       result = driver.train(config, workdir)
     print(json.dumps(result, indent=1, default=str))
   except preemption.Preempted as e:

@@ -10,7 +10,6 @@ that have them.
 """
 import numpy as np
 from scipy import special
-from scipy import stats
 
 
 def average_precision(labels, scores) -> float:
@@ -35,7 +34,9 @@ def roc_auc(labels, scores) -> float:
   num_neg = positive.size - num_pos
   if num_pos == 0 or num_neg == 0:
     return float("nan")
-  ranks = stats.rankdata(np.asarray(scores, np.float64))  # ties get their average rank
+  _, group, group_size = np.unique(np.asarray(scores, np.float64), return_inverse=True,
+                                   return_counts=True)
+  ranks = (np.cumsum(group_size) - (group_size - 1) / 2)[group]  # ties share their mean rank
   return float((ranks[positive].sum() - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg))
 
 

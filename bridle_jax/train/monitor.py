@@ -9,7 +9,7 @@ The loss of every step is also appended to WORKDIR/history/<phase>.jsonl. A phas
 resumes from the checkpoint at step S keeps the lines up to S, so its summary and loss
 plot cover the whole phase, as if it had never stopped.
 
-TensorBoard event files are written by tensorboardX, which needs no TensorFlow.
+TensorBoard event files are written by `events.ScalarWriter`, which needs no TensorFlow.
 """
 import io
 import json
@@ -22,9 +22,9 @@ import numpy as np
 from absl import logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from tensorboardX import SummaryWriter
 
 from bridle_jax import files
+from bridle_jax.train import events
 
 # Metrics shown at the log step itself rather than averaged over the interval.
 _POINT_METRICS = ("lr",)
@@ -79,8 +79,8 @@ class PhaseMonitor:
     self.usage_every = usage_every
     self.is_writer = is_writer
     # A resumed run hides the events the stopped run wrote after the checkpoint.
-    self._writer = (SummaryWriter(os.path.join(workdir, "tensorboard", phase_id),
-                                  purge_step=start_step + 1 if start_step else None)
+    self._writer = (events.ScalarWriter(os.path.join(workdir, "tensorboard", phase_id),
+                                        purge_step=start_step + 1 if start_step else None)
                     if is_writer else None)
     self._start_time = time.perf_counter()
     self._pending = []  # (step, {name: device or host value}) not yet logged.
