@@ -1,6 +1,5 @@
 """TensorBoard event files written without TensorFlow, read back with tensorboardX's protos."""
 import os
-import struct
 
 import numpy as np
 from tensorboardX.proto import event_pb2
@@ -8,21 +7,7 @@ from tensorboardX.record_writer import masked_crc32c as reference_masked_crc32c
 
 from bridle_jax.train import events
 
-
-def _read(path):
-  with open(path, "rb") as f:
-    data = f.read()
-  records, offset = [], 0
-  while offset < len(data):
-    (length,) = struct.unpack("<Q", data[offset:offset + 8])
-    assert struct.unpack("<I", data[offset + 8:offset + 12])[0] == reference_masked_crc32c(
-        data[offset:offset + 8])
-    record = data[offset + 12:offset + 12 + length]
-    assert struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])[0] == (
-        reference_masked_crc32c(record))
-    records.append(event_pb2.Event.FromString(record))
-    offset += 16 + length
-  return records
+from event_files import read_events
 
 
 def test_crc32c_matches_the_standard_check_value_and_tensorboardx():
@@ -39,7 +24,7 @@ def test_scalars_read_back_with_their_tags_steps_and_values(tmp_path):
   writer.add_scalar("p1_encoder/lr", 1e-4, 300)
   writer.add_scalar("p1_encoder/délai", -0.125, 2**40)  # non-ASCII tag, 6-byte varint step
   writer.close()
-  first, *scalars = _read(writer.path)
+  first, *scalars = read_events(writer.path)
   assert os.path.basename(writer.path).startswith("events.out.tfevents.")
   assert first.file_version == "brain.Event:2"
   got = [(e.step, e.summary.value[0].tag, e.summary.value[0].simple_value) for e in scalars]
@@ -56,8 +41,8 @@ def test_a_resumed_writer_starts_a_new_file_that_purges_later_steps(tmp_path):
   resumed.add_scalar("loss", 0.5, 7)
   resumed.close()
   assert resumed.path != first.path and len(os.listdir(tmp_path)) == 2
-  version, start, scalar = _read(resumed.path)
+  version, start, scalar = read_events(resumed.path)
   assert (version.step, version.file_version) == (7, "brain.Event:2")
   assert start.step == 7 and start.session_log.status == event_pb2.SessionLog.START
   assert (scalar.step, scalar.summary.value[0].simple_value) == (7, 0.5)
-  assert [e.step for e in _read(first.path)] == [0, 9]
+  assert [e.step for e in read_events(first.path)] == [0, 9]

@@ -3,7 +3,6 @@ import collections
 import json
 import logging
 import os
-import struct
 import types
 
 import jax
@@ -11,10 +10,10 @@ import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
-from tensorboardX.record_writer import masked_crc32c
 
 from bridle_jax.train import monitor as monitor_lib
+
+from event_files import read_events
 
 
 class _DeviceScalar:
@@ -30,23 +29,11 @@ class _DeviceScalar:
 
 
 def _events(logdir):
-  """The events of the TFRecord event files in `logdir`, file by file, checking CRCs."""
+  """The events of the event files in `logdir`, file by file."""
   files = [name for name in os.listdir(logdir) if name.startswith("events.out.tfevents")]
   assert files
   for name in sorted(files):
-    with open(os.path.join(logdir, name), "rb") as f:
-      data = f.read()
-    offset = 0
-    while offset < len(data):
-      header = data[offset:offset + 8]
-      (length,), (header_crc,) = struct.unpack("<Q", header), struct.unpack(
-          "<I", data[offset + 8:offset + 12])
-      assert header_crc == masked_crc32c(header)
-      record = data[offset + 12:offset + 12 + length]
-      (record_crc,) = struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])
-      assert record_crc == masked_crc32c(record)
-      offset += 16 + length
-      yield event_pb2.Event.FromString(record)
+    yield from read_events(os.path.join(logdir, name))
 
 
 def _read_scalars(logdir):
