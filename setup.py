@@ -30,5 +30,8 @@ setup(
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "kaldi-native-fbank>=1.20,<2",
                  "scikit-learn>=1.4,<2", "tensorboardX>=2.6,<3"],
         "torch": ["torch>=2.4,<=2.14.1", "safetensors>=0.4"],
+        # Compiling for a GPU or TPU without one (bridle_jax.aot); about 5 GB of CUDA
+        # libraries, which the GPU compiler loads even with no GPU present.
+        "aot": ["jax[cuda12,tpu]"],
     },
 )

@@ -24,6 +24,7 @@ import shlex
 import statistics
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -177,44 +178,72 @@ def reuses_codes(config, kind: str) -> bool:
   return kind == "encoder" and config.encoder_phase.get("reuse_codes", False)
 
 
-def lower_phase(config, kind: str, batch: int):
-  """(models, state, device batch, lowered steps) of a phase, as the driver builds them.
+class PhasePrograms(NamedTuple):
+  """A phase's jitted steps with the shapes and shardings of what they take."""
+  models: state_lib.Models
+  fresh: Callable  # rng -> the phase's initial state (boxed, with logical axis names)
+  state_shardings: Any
+  batch: dict  # input name -> jax.ShapeDtypeStruct of the global batch, with its sharding
+  steps: list  # the jitted step; a joint phase's second is the one without tokenizer term
 
-  The encoder phase is the steady-state one (trained tokenizer, not the cold start); a
-  joint phase has two steps, with and without the tokenizer term.
-  """
+
+def phase_programs(config, kind: str, batch: int, mesh) -> PhasePrograms:
+  """The phase's steps as the driver builds them (parameter shardings from the config's
+  rules, donated state) for a global `batch` on `mesh`, not yet lowered."""
   phase_config = config[f"{kind}_phase"]
-  mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divides("--batch", batch, mesh)
   models = state_lib.build_models(config)
   tx = optim.adamw_direction(phase_config)
   schedule = optim.warmup_cosine(phase_config.lr, phase_config.min_lr, 1, 1_000_000)
-  groups = steps.PHASE_GROUPS[kind]
-
-  fresh = state_lib.fresh_state_fn(models, groups, tx)
-  rng = jax.random.PRNGKey(config.seed)
-  shardings = sharding.shardings_for(jax.eval_shape(fresh, rng), mesh, config.sharding_rules)
-  state = jax.jit(lambda r: nn.unbox(fresh(r)), out_shardings=shardings)(rng)
+  fresh = state_lib.fresh_state_fn(models, steps.PHASE_GROUPS[kind], tx)
+  shardings = sharding.shardings_for(jax.eval_shape(fresh, jax.random.PRNGKey(0)), mesh,
+                                     config.sharding_rules)
   batch_sharding = sharding.batch_sharding(mesh)
-  device_batch = random_batch(config, batch, batch_sharding)
+  samples = audio.num_samples_for_frames(config.data.target_length, config.data.sample_rate)
+  shapes = {"waveform": ((batch, samples), np.float32), "valid_frames": ((batch,), np.int32)}
   if reuses_codes(config, kind):  # the steady state: codes stored in the first epoch
     spec = models.quantizer
-    codes = np.random.default_rng(0).integers(
-        spec.codebook_size, size=(pipeline.host_batch_size(batch, jax.process_count()),
-                                  models.encoder.num_patches, spec.num_codebooks * spec.soft_code))
-    device_batch["codes"] = pipeline.to_device_batch(codes.astype(np.int32), batch_sharding)
+    shapes["codes"] = ((batch, models.encoder.num_patches,
+                        spec.num_codebooks * spec.soft_code), np.int32)
+  batch_specs = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+                 for name, (shape, dtype) in shapes.items()}
   replicated = sharding.replicated(mesh)
 
-  def lower_step(**kwargs):
+  def jitted(**kwargs):
     fn = steps.phase_step(models, kind, phase_config, tx, schedule, **kwargs)
-    jitted = jax.jit(fn, in_shardings=(shardings, {k: batch_sharding for k in device_batch}),
-                     out_shardings=(shardings, replicated, replicated), donate_argnums=0)
-    return jitted.lower(state, device_batch)
+    return jax.jit(fn, in_shardings=(shardings, {name: batch_sharding for name in batch_specs}),
+                   out_shardings=(shardings, replicated, replicated), donate_argnums=0)
 
-  lowered = [lower_step()]
-  if kind == "joint":
-    lowered.append(lower_step(with_tokenizer=False))
-  return models, state, device_batch, lowered
+  programs = [jitted()] + ([jitted(with_tokenizer=False)] if kind == "joint" else [])
+  return PhasePrograms(models, fresh, shardings, batch_specs, programs)
+
+
+def abstract_state(phase: PhasePrograms):
+  """The shapes, dtypes and shardings of the phase's state, without allocating it."""
+  abstract = nn.unbox(jax.eval_shape(phase.fresh, jax.random.PRNGKey(0)))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, phase.state_shardings)
+
+
+def lower_phase(config, kind: str, batch: int):
+  """(models, state, device batch, lowered steps) of a phase on this process's devices:
+  fresh state, random input. The encoder phase is the steady-state one (trained
+  tokenizer, not the cold start); a joint phase has two steps, with and without the
+  tokenizer term.
+  """
+  mesh = sharding.make_mesh(config.mesh)
+  phase = phase_programs(config, kind, batch, mesh)
+  state = jax.jit(lambda r: nn.unbox(phase.fresh(r)), out_shardings=phase.state_shardings)(
+      jax.random.PRNGKey(config.seed))
+  batch_sharding = sharding.batch_sharding(mesh)
+  device_batch = random_batch(config, batch, batch_sharding)
+  if "codes" in phase.batch:
+    spec = phase.models.quantizer
+    codes = np.random.default_rng(0).integers(
+        spec.codebook_size, size=(pipeline.host_batch_size(batch, jax.process_count()),
+                                  *phase.batch["codes"].shape[1:]))
+    device_batch["codes"] = pipeline.to_device_batch(codes.astype(np.int32), batch_sharding)
+  return phase.models, state, device_batch, [p.lower(state, device_batch) for p in phase.steps]
 
 
 def step_schedule(config, kind: str, programs: list) -> list:

@@ -11,19 +11,21 @@ fastest (`python -m bridle_jax.benchmark_attention` times the multiples on any G
 import jax
 import jax.numpy as jnp
 
+from bridle_jax.models import platform
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 CUDNN_BLOCK = 2
 HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # what "auto" sends to GPU kernels
 
 
 def resolve(implementation: str | None, dtype, head_dim: int) -> str:
-  """The concrete implementation ('xla' or 'cudnn') for `dtype` on the default backend.
+  """The concrete implementation ('xla' or 'cudnn') for `dtype` on `platform.backend()`.
 
   'auto' takes cuDNN only where every GPU generation it supports accepts the call: a
   16-bit dtype and a head size that is a multiple of 8, at most 128.
   """
   if implementation in (None, "auto"):
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = platform.backend() == "gpu"
     fits = jnp.dtype(dtype) in HALF_DTYPES and head_dim % 8 == 0 and head_dim <= 128
     return "cudnn" if on_gpu and fits else "xla"
   if implementation not in IMPLEMENTATIONS:

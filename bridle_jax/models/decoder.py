@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridle_jax.models import attention, layers, masking, pos_embed, window_attention_kernel
+from bridle_jax.models import (attention, layers, masking, platform, pos_embed,
+                               window_attention_kernel)
 
 Dtype = Any
 
@@ -94,7 +95,7 @@ def _unit(x):
 
 
 def resolve_window_impl(implementation: str, dtype, window_tokens: int, head_dim: int) -> str:
-  """The concrete window attention ('xla' or 'pallas') for `dtype` on the default backend.
+  """The concrete window attention ('xla' or 'pallas') for `dtype` on `platform.backend()`.
 
   'auto' takes the Pallas kernel on a GPU for 16-bit dtypes and shapes it supports (where
   it was timed: half the time of XLA's form on an H100), XLA everywhere else.
@@ -103,7 +104,7 @@ def resolve_window_impl(implementation: str, dtype, window_tokens: int, head_dim
     return implementation
   fits = (jnp.dtype(dtype) in attention.HALF_DTYPES
           and window_attention_kernel.unsupported_reason(window_tokens, head_dim) is None)
-  return "pallas" if jax.default_backend() == "gpu" and fits else "xla"
+  return "pallas" if platform.backend() == "gpu" and fits else "xla"
 
 
 class WindowAttention(nn.Module):

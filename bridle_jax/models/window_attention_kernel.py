@@ -26,7 +26,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bridle_jax.models import layers
+from bridle_jax.models import layers, platform
 
 NORM_EPS = 1e-6
 # The fastest program size on an H100 at the audio recipe's shapes (4x4 windows, head size
@@ -185,7 +185,7 @@ def _call(kernel, plan: Plan, qkv_shape, in_specs, out_specs, out_shape):
   return pl.pallas_call(
       functools.partial(kernel, plan=plan), grid=(heads, all_windows // plan.per_program),
       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      interpret=jax.default_backend() != "gpu" if INTERPRET is None else INTERPRET,
+      interpret=platform.backend() != "gpu" if INTERPRET is None else INTERPRET,
       compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=1))
 
 
@@ -309,9 +309,9 @@ def window_attention(qkv, inv_tau, bias, mask, *, qkv_bias=None,
   reason = unsupported_reason(n, head_dim)
   if reason:
     raise ValueError(f"window attention 'pallas': {reason}")
-  if INTERPRET is None and jax.default_backend() not in ("gpu", "cpu"):
+  if INTERPRET is None and platform.backend() not in ("gpu", "cpu"):
     raise ValueError(f"window attention 'pallas' is a GPU kernel; on "
-                     f"{jax.default_backend()} use 'xla' (model.decoder.attention_impl)")
+                     f"{platform.backend()} use 'xla' (model.decoder.attention_impl)")
   if parts != 3:
     raise ValueError(f"window attention 'pallas': qkv {qkv.shape} is not (batch, windows, "
                      "n, 3, heads, head_dim)")
