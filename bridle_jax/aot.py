@@ -12,6 +12,7 @@ prints what one device needs at peak by the compiled program's memory plan again
 the device has, and the step's kernels by kind with the bytes they read and write (see
 `hlo_kernels`). Targets: `aot_targets` (GPU models, TPU topologies).
 """
+import copy
 import os
 
 import jax
@@ -61,15 +62,19 @@ def usable_memory(target: aot_targets.Target, environ) -> int:
 
 
 def compile_phase(config, kind: str, batch: int, mesh, target_platform: str) -> list:
-  """[(lowered, compiled)] of the phase's steps on `mesh` (a joint phase has two)."""
+  """[(lowered, compiled)] of the phase's steps on `mesh` (a joint phase has two). With
+  `grad_accum` > 1 the lowered program is the same step without accumulation (the same
+  work), since cost analysis counts a loop's body once."""
   with platform.compiling_for(target_platform):  # the kernel choice happens in compile too
     phase = benchmark.phase_programs(config, kind, batch, mesh)
     state = benchmark.abstract_state(phase)
-    programs = []
-    for step in phase.steps:
-      lowered = step.lower(state, phase.batch)
-      programs.append((lowered, lowered.compile()))
-  return programs
+    compiled = [step.lower(state, phase.batch).compile() for step in phase.steps]
+    if config[f"{kind}_phase"].grad_accum > 1:
+      config = copy.deepcopy(config)
+      config[f"{kind}_phase"].grad_accum = 1
+      phase = benchmark.phase_programs(config, kind, batch, mesh)
+    lowered = [step.lower(state, phase.batch) for step in phase.steps]
+  return list(zip(lowered, compiled))
 
 
 def program_report(lowered, compiled, target: aot_targets.Target, usable: int) -> dict:
@@ -100,7 +105,7 @@ def format_report(report: dict, target: aot_targets.Target) -> str:
       f"{_memory(report['state_and_inputs_bytes'])}, temporaries "
       f"{_memory(report['temporary_bytes'])}) of {_memory(report['usable_bytes'])} usable: "
       f"{'fits' if report['fits'] else 'DOES NOT FIT'}",
-      f"  model FLOPs per step, all devices: {report['flops'] / 1e12:.3f} TFLOP",
+      f"  model FLOPs per step, all devices: {report['flops'] / 1e9:,.1f} GFLOP",
       "  kernels per step and device        count    GB moved"]
   for kind, (count, moved) in report["kernels"].items():
     lines.append(f"    {kind:28s} {count:8d} {moved / 1e9:11.3f}")

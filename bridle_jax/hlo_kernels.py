@@ -80,7 +80,7 @@ def _kind(instruction: dict, computations: dict, has_matmul) -> str | None:
     target = (_TARGET.search(attrs) or [None, ""])[1].lower()
     if "cudnn$fmha" in target:
       return "attention"
-    if "triton" in target or "mosaic" in target or "pallas" in target:
+    if "triton" in target or "tpu_custom_call" in target or "mosaic" in target:
       return "pallas kernel"
     if "cublas" in target or "gemm" in target or "matmul" in target:
       return "matmul"

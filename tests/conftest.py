@@ -29,10 +29,10 @@ _LONGEST_MODULES = (
     "test_launch_scripts.py",    # 111
     "test_precision_check.py",   # 91
     "test_finetune.py",          # 79
-    "test_aot.py",               # 75
     "test_multiprocess.py",      # 75
     "test_embeddings.py",        # 62
     "test_convert.py",           # 62
+    "test_aot.py",               # 50
 )
 
 

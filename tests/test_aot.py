@@ -146,22 +146,22 @@ def _aot(tmp_path, *args) -> str:
   return result.stdout
 
 
-def _peak_gib(report: str, batch: int) -> float:
-  """The peak memory per device printed for `batch`, in GiB."""
+def _peak_mib(report: str, batch: int) -> float:
+  """The peak memory per device printed for `batch`, in MiB."""
   match = re.search(rf"global batch {batch} .*\n  memory per device at peak: ([\d.]+) (GiB|MiB)",
                     report)
-  return float(match[1]) / (1 if match[2] == "GiB" else 1024)
+  return float(match[1]) * (1024 if match[2] == "GiB" else 1)
 
 
 @needs_cuda_plugin
 def test_encoder_step_compiles_for_an_h100_with_cudnn_and_the_window_kernel(tmp_path):
-  out = _aot(tmp_path, "--phase=encoder", "--batch=8,64", "--target=h100")
-  assert out.count("on 1 x NVIDIA H100 80GB HBM3") == 2
+  out = _aot(tmp_path, "--phase=encoder", "--batch=8", "--target=h100")
+  assert "encoder: global batch 8 on 1 x NVIDIA H100 80GB HBM3" in out
   assert "usable: fits" in out and "no host transfers in the step" in out
   for kind in ("matmul", "attention", "pallas kernel", "fusion"):
     assert f"\n    {kind} " in out, out
-  assert _peak_gib(out, 64) > 2 * _peak_gib(out, 8)  # activations grow with the batch
-  hlo = (tmp_path / "encoder_64.hlo").read_text()
+  assert 1 < _peak_mib(out, 8) < 1024
+  hlo = (tmp_path / "encoder_8.hlo").read_text()
   assert "__cudnn$fmhaSoftmaxBackward" in hlo and "__gpu$xla.gpu.triton" in hlo
 
 
@@ -169,7 +169,7 @@ def test_encoder_step_compiles_for_an_h100_with_cudnn_and_the_window_kernel(tmp_
 def test_tokenizer_step_compiles_for_a_tpu_slice_and_reports_what_does_not_fit(tmp_path):
   out = _aot(tmp_path, "--phase=tokenizer", "--batch=8,65536", "--target=v5e:2x2")
   assert "global batch 8 on 4 x TPU v5 lite, mesh data 4 x fsdp 1 x model 1" in out
-  assert "of 16.00 GiB usable: fits" in out
+  assert "of 16.00 GiB usable: fits" in out and 1 < _peak_mib(out, 8) < 1024
   assert "\n    collective " in out  # the gradients' all-reduce over the 4 chips
   assert "global batch 65536 on 4 x TPU v5 lite: DOES NOT FIT" in out
   assert (tmp_path / "tokenizer_8.hlo").exists()
