@@ -9,7 +9,9 @@
 # tokenizer codes), encoder_xla_window (XLA's form of the Swin decoder's window attention
 # instead of the Pallas kernel a GPU takes by default), tokenizer, joint,
 # encoder_bf16_residual and tokenizer_bf16_residual (with model.residual_stream_dtype=compute:
-# bf16 between the ViT blocks); each a sweep over $BATCHES in the config's dtype, bf16;
+# bf16 between the ViT blocks), encoder_remat_dots and tokenizer_remat_dots (with
+# model.remat=dots, which `bridle_jax.aot` found to free 16-21 GiB at batch 256, so that
+# BATCHES=512 fits an H100); each a sweep over $BATCHES in the config's dtype, bf16;
 # profile (a trace of 3 encoder and 3 tokenizer steps at the last batch size of $BATCHES,
 # whose compiled steps a sweep before it leaves in the cache, and the device time per op,
 # in $SCRATCH/profile/<phase>), input (the host pipeline on 10 s clips written to
@@ -44,7 +46,8 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 RUNS=("$@")
 if [[ ${#RUNS[@]} -eq 0 ]]; then
   RUNS=(attention encoder encoder_reuse encoder_xla_window tokenizer joint
-        encoder_bf16_residual tokenizer_bf16_residual profile input precision)
+        encoder_bf16_residual tokenizer_bf16_residual encoder_remat_dots tokenizer_remat_dots
+        profile input precision)
 fi
 
 bench() {
@@ -62,6 +65,8 @@ run() {
     tokenizer) bench --phase=tokenizer --batch="$BATCHES" ;;
     encoder_bf16_residual | tokenizer_bf16_residual)
       bench --phase="${1%%_*}" --batch="$BATCHES" --config.model.residual_stream_dtype=compute ;;
+    encoder_remat_dots | tokenizer_remat_dots)
+      bench --phase="${1%%_*}" --batch="$BATCHES" --config.model.remat=dots ;;
     joint) bench --phase=joint --batch="$BATCHES" ;;
     attention) "$PYTHON" -m bridle_jax.benchmark_attention --config="$CONFIG" --batch=128 ;;
     profile)

@@ -61,21 +61,25 @@ def test_benchmark_gpu_times_the_xla_window_attention_at_the_batches_asked(tmp_p
   assert len(written) == 1 and "| encoder | 8 |" in written[0]
 
 
-def test_benchmark_gpu_times_each_phase_with_the_bf16_residual_stream(tmp_path):
-  """The bf16-stream runs call the benchmark on their phase with the setting (an
-  interpreter stub records the calls)."""
+@pytest.mark.parametrize("setting, flag", [
+    ("bf16_residual", "--config.model.residual_stream_dtype=compute"),
+    ("remat_dots", "--config.model.remat=dots"),
+])
+def test_benchmark_gpu_times_each_phase_with_a_speed_setting(tmp_path, setting, flag):
+  """The runs named <phase>_<setting> call the benchmark on their phase with the setting
+  (an interpreter stub records the calls)."""
   calls = tmp_path / "calls"
   python = tmp_path / "python"
   python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
   python.chmod(0o755)
-  result = _benchmark_gpu(str(python), "encoder_bf16_residual", "tokenizer_bf16_residual",
+  result = _benchmark_gpu(str(python), f"encoder_{setting}", f"tokenizer_{setting}",
                           BATCHES="64,128")
   assert result.returncode == 0, result.stderr
   benchmarks = [line for line in calls.read_text().splitlines() if "bridle_jax.benchmark " in line]
   assert len(benchmarks) == 2
   for line, phase in zip(benchmarks, ("encoder", "tokenizer")):
     assert f"--phase={phase} --batch=64,128" in line
-    assert line.endswith("--config.model.residual_stream_dtype=compute")
+    assert line.endswith(flag)
 
 
 @pytest.mark.parametrize("user_flags, expected", [
