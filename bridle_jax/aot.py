@@ -153,6 +153,7 @@ def main(argv):
         path = os.path.join(flags.FLAGS.hlo_dir, f"{name.replace(' ', '_')}_{batch}.hlo")
         files.write_atomic(path, compiled.as_text().encode())
 
+
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config"])
