@@ -163,14 +163,17 @@ def analytic_flops(models: state_lib.Models, params: dict, kind: str, batch: int
   return float(per_sample * batch)
 
 
-def random_batch(config, batch: int, batch_sharding) -> dict:
-  """A global batch of random full-length waveforms, sharded like the training input."""
-  frames = config.data.target_length
-  local = pipeline.host_batch_size(batch, jax.process_count())
+def random_batch(config, specs: dict, codebook_size: int, batch_sharding) -> dict:
+  """Random inputs of the global shapes in `specs` (this host's rows of each), sharded
+  like the training input: waveforms, full-length `valid_frames`, stored codes."""
+  local = pipeline.host_batch_size(specs["waveform"].shape[0], jax.process_count())
   rng = np.random.default_rng(config.seed + jax.process_index())
-  samples = audio.num_samples_for_frames(frames, config.data.sample_rate)
-  host = {"waveform": (0.1 * rng.standard_normal((local, samples))).astype(np.float32),
-          "valid_frames": np.full((local,), frames, np.int32)}
+  host = {"waveform": (0.1 * rng.standard_normal((local, *specs["waveform"].shape[1:])))
+                      .astype(np.float32),
+          "valid_frames": np.full((local,), config.data.target_length, np.int32)}
+  if "codes" in specs:
+    host["codes"] = rng.integers(codebook_size, size=(local, *specs["codes"].shape[1:]),
+                                 dtype=np.int32)
   return pipeline.to_device_batch(host, batch_sharding)
 
 
@@ -235,14 +238,8 @@ def lower_phase(config, kind: str, batch: int):
   phase = phase_programs(config, kind, batch, mesh)
   state = jax.jit(lambda r: nn.unbox(phase.fresh(r)), out_shardings=phase.state_shardings)(
       jax.random.PRNGKey(config.seed))
-  batch_sharding = sharding.batch_sharding(mesh)
-  device_batch = random_batch(config, batch, batch_sharding)
-  if "codes" in phase.batch:
-    spec = phase.models.quantizer
-    codes = np.random.default_rng(0).integers(
-        spec.codebook_size, size=(pipeline.host_batch_size(batch, jax.process_count()),
-                                  *phase.batch["codes"].shape[1:]))
-    device_batch["codes"] = pipeline.to_device_batch(codes.astype(np.int32), batch_sharding)
+  device_batch = random_batch(config, phase.batch, phase.models.quantizer.codebook_size,
+                              sharding.batch_sharding(mesh))
   return phase.models, state, device_batch, [p.lower(state, device_batch) for p in phase.steps]
 
 
