@@ -81,6 +81,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "model.attention_impl", attention.IMPLEMENTATIONS)
   _one_of(config, "model.remat", tuple(layers.REMAT_POLICIES))
   _one_of(config, "model.residual_stream_dtype", RESIDUAL_STREAM_DTYPES)
+  _one_of(config, "model.gelu", tuple(layers.GELU_FORMS))
   _require(m.attention_impl != "cudnn" or m.dtype == "bfloat16", "model.attention_impl",
            f"'cudnn' needs model.dtype='bfloat16', got {m.dtype!r}")
   _require(m.width % m.num_heads == 0, "model.width",

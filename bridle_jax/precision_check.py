@@ -3,16 +3,18 @@
   python -m bridle_jax.precision_check --config=configs/audio.py:demo --workdir=/tmp/precision
 
 Trains every phase of `config.rounds` three times: in float32, in bfloat16 (same seed, data
-order and initialisation; only `model.dtype` differs; the quantizer is float32 in both), and
-in float32 with the next seed, which measures how far two equally valid float32 runs end
-apart. Per phase it compares the mean losses over the last quarter of the steps: bfloat16
-is within noise when its gap to float32 is no larger than the other seed's gap plus twice
-the standard error of the float32 tail mean. Then, on one batch and the float32 run's
-final parameters, it computes in float32 and in bfloat16 the tokenizer's codes (the
-fraction of patches given the same code, per codebook) and the gradients of the encoder
-and tokenizer phase losses (the bfloat16 gradient's distance from the float32 one,
-relative to its norm): the rounding error of a single step, which the loss curves show
-only blurred by the run-to-run spread of training.
+order and initialisation; the quantizer is float32 in both), and in float32 with the next
+seed, which measures how far two equally valid float32 runs end apart. The float32 runs
+compute as the reference does (the config's speed settings reset to
+`workdir.SPEED_DEFAULTS`, e.g. exact GELU); the bfloat16 run keeps the config's. Per phase
+it compares the mean losses over the last quarter of the steps: bfloat16 is within noise
+when its gap to float32 is no larger than the other seed's gap plus twice the standard
+error of the float32 tail mean. Then, on one batch and the float32 run's final parameters,
+it computes in float32 and in bfloat16 the tokenizer's codes (the fraction of patches
+given the same code, per codebook) and the gradients of the encoder and tokenizer phase
+losses (the bfloat16 gradient's distance from the float32 one, relative to its norm): the
+rounding error of a single step, which the loss curves show only blurred by the
+run-to-run spread of training.
 """
 import copy
 import functools
@@ -55,6 +57,8 @@ def train_runs(config, workdir: str) -> dict:
   for name, (dtype, seed_offset) in RUNS.items():
     run_config = copy.deepcopy(config)
     run_config.model.dtype = dtype
+    if dtype == "float32":  # the reference's computation, e.g. exact GELU
+      run_config.update_from_flattened_dict(workdir_lib.SPEED_DEFAULTS)
     run_config.seed += seed_offset
     trainer = driver.Trainer(run_config, os.path.join(workdir, name))
     trainer.run()

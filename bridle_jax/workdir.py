@@ -25,7 +25,7 @@ SHAPE_FIELDS = ("model", "data.target_length", "data.num_mel_bins")
 # and reset to these portable values when a finished run is loaded for inference.
 SPEED_DEFAULTS = {"model.attention_impl": "auto", "model.remat": "none",
                   "model.decoder.attention_impl": "auto",
-                  "model.residual_stream_dtype": "float32"}
+                  "model.residual_stream_dtype": "float32", "model.gelu": "exact"}
 # Fields added after runs were saved without them, with the value that matches how those
 # runs behaved.
 ADDED_DEFAULTS = {"model.pos_table_frames": 0, "model.pos_crop": "reference"}

@@ -76,6 +76,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.residual_stream_dtype = "float32"  # the ViTs' tokens between blocks: float32 (as under
                                # the reference's autocast) | compute (model.dtype: bf16
                                # halves their memory traffic)
+  m.gelu = "exact"             # exact (erf, as the reference) | tanh (its approximation,
+                               # which XLA:GPU folds into the fc1 matmul)
   m.decoder = dec = ml_collections.ConfigDict()
   dec.mode = 1                 # 0 global transformer, 1 Swin local windows
   dec.width = 512

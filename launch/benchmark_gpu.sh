@@ -11,22 +11,27 @@
 # encoder_bf16_residual and tokenizer_bf16_residual (with model.residual_stream_dtype=compute:
 # bf16 between the ViT blocks), encoder_remat_dots and tokenizer_remat_dots (with
 # model.remat=dots, which `bridle_jax.aot` found to free 16-21 GiB at batch 256, so that
-# BATCHES=512 fits an H100); each a sweep over $BATCHES in the config's dtype, bf16;
+# BATCHES=512 fits an H100), encoder_cublas and tokenizer_cublas (matmuls as cuBLAS calls,
+# XLA_FLAGS=--xla_gpu_enable_triton_gemm=false, which lets XLA fold bias adds into them),
+# encoder_gelu_tanh and tokenizer_gelu_tanh (the same with model.gelu=tanh, whose GELU
+# XLA folds into the fc1 matmul too), encoder_fast and tokenizer_fast (all of these at once:
+# cuBLAS matmuls, tanh GELU, bf16 residual stream); each a sweep over $BATCHES in the
+# config's dtype, bf16;
 # profile (a trace of 3 encoder and 3 tokenizer steps at the last batch size of $BATCHES,
 # whose compiled steps a sweep before it leaves in the cache, and the device time per op,
 # in $SCRATCH/profile/<phase>), input (the host pipeline on 10 s clips written to
 # $SCRATCH/clips10) and precision (bf16 against float32 on the demo, in $SCRATCH). Each
 # batch size of a ViT-B phase spends about two minutes compiling on an H100-class GPU:
 # name a few runs per call where a call's time is short. Compiled programs are cached in
-# $SCRATCH/jax_cache and XLA's kernel choices in $SCRATCH/autotune, so a rerun, and a run
-# that shares fusions with an earlier one, starts faster (on an H200 the encoder and
-# tokenizer steps at batch 256 took 169 and 136 s to compile and time, then the same steps
-# with the bf16 stream 67 and 47 s). A run that fails is reported and the others still
-# run; the exit status says whether any failed. Set BENCHMARKS_FILE to write
-# elsewhere than ./BENCHMARKS.md, CONFIG to time another config than configs/audio.py
-# (configs/audio.py:demo runs on a laptop), BATCHES to sweep other batch sizes than 128,256
-# (e.g. BATCHES=256 halves the compiling), and PYTHON to use another interpreter than
-# python3.
+# $SCRATCH/jax_cache and XLA's Triton kernel choices in $SCRATCH/autotune, so a rerun
+# starts faster; later runs of a call compile faster anyway (on an H200 the encoder and
+# tokenizer steps at batch 256 took 176 and 129 s to compile and time, then the same steps
+# with the bf16 stream 75 and 50 s; the joint phase's two steps took over 140 s). A run
+# that fails is reported and the others still run; the exit status says whether any
+# failed. Set BENCHMARKS_FILE to write elsewhere than ./BENCHMARKS.md, CONFIG to time
+# another config than configs/audio.py (configs/audio.py:demo runs on a laptop), BATCHES
+# to sweep other batch sizes than 128,256 (e.g. BATCHES=256 halves the compiling), and
+# PYTHON to use another interpreter than python3.
 set -uo pipefail
 PYTHON="${PYTHON:-python3}"
 CONFIG="${CONFIG:-configs/audio.py}"
@@ -47,7 +52,8 @@ RUNS=("$@")
 if [[ ${#RUNS[@]} -eq 0 ]]; then
   RUNS=(attention encoder encoder_reuse encoder_xla_window tokenizer joint
         encoder_bf16_residual tokenizer_bf16_residual encoder_remat_dots tokenizer_remat_dots
-        profile input precision)
+        encoder_cublas tokenizer_cublas encoder_gelu_tanh tokenizer_gelu_tanh
+        encoder_fast tokenizer_fast profile input precision)
 fi
 
 bench() {
@@ -67,6 +73,16 @@ run() {
       bench --phase="${1%%_*}" --batch="$BATCHES" --config.model.residual_stream_dtype=compute ;;
     encoder_remat_dots | tokenizer_remat_dots)
       bench --phase="${1%%_*}" --batch="$BATCHES" --config.model.remat=dots ;;
+    encoder_cublas | tokenizer_cublas)
+      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" \
+        bench --phase="${1%%_*}" --batch="$BATCHES" ;;
+    encoder_gelu_tanh | tokenizer_gelu_tanh)
+      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" \
+        bench --phase="${1%%_*}" --batch="$BATCHES" --config.model.gelu=tanh ;;
+    encoder_fast | tokenizer_fast)
+      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" \
+        bench --phase="${1%%_*}" --batch="$BATCHES" --config.model.gelu=tanh \
+        --config.model.residual_stream_dtype=compute ;;
     joint) bench --phase=joint --batch="$BATCHES" ;;
     attention) "$PYTHON" -m bridle_jax.benchmark_attention --config="$CONFIG" --batch=128 ;;
     profile)

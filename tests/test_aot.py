@@ -5,13 +5,14 @@ import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 from bridle_jax import aot
 from bridle_jax import aot_targets
 from bridle_jax import hlo_kernels
-from bridle_jax.models import attention, decoder, platform
+from bridle_jax.models import attention, decoder, layers, platform
 import cpu_env
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +125,40 @@ def test_gpu_targets_have_their_devices_and_memory():
   assert (target.platform, len(target.devices)) == ("gpu", 16)
   assert target.memory_per_device == aot_targets.GPU_MODELS["h100"].memory_bytes
   assert aot_targets.resolve("H200").device_kind == "NVIDIA H200"
+
+
+@needs_cuda_plugin
+@pytest.mark.parametrize("form, epilogue", [("exact", "BIAS"), ("tanh", "BIAS_GELU_AUX")])
+def test_tanh_gelu_folds_into_the_fc1_matmul_on_a_gpu(form, epilogue):
+  """Compiled for an H100, the tanh GELU and fc1's bias become the cuBLAS call's epilogue,
+  which also writes fc1's output for the backward; the exact GELU is a pass of its own.
+  Either backward fuses the GELU's slope into fc1's bias-gradient sum instead of writing
+  the float32 product out."""
+  target = aot_targets.resolve("h100")
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(target.devices, ("d",)),
+                                          jax.sharding.PartitionSpec())
+  mlp = layers.Mlp(dtype=jnp.bfloat16, gelu=form)
+  # The decoder MLP's shapes at batch 256: XLA's fusion choices depend on them.
+  x = jax.ShapeDtypeStruct((256, 512, 512), jnp.bfloat16, sharding=replicated)
+  params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated),
+                        jax.eval_shape(mlp.init, jax.random.PRNGKey(0), x))
+
+  def loss(params, x):
+    return jnp.sum(mlp.apply(params, x).astype(jnp.float32) ** 2)
+
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)  # it holds CPU programs
+  try:
+    with platform.compiling_for("gpu"):
+      hlo = jax.jit(jax.grad(loss)).lower(params, x).compile(
+          {"xla_gpu_enable_triton_gemm": False}).as_text()
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+  fc1_forward = [re.search(r'"epilogue":"(\w+)"', line)[1] for line in hlo.splitlines()
+                 if "__cublas$lt$matmul" in line and re.search(r'op_name="[^"]*/fc1/', line)
+                 and "transpose(" not in line]
+  assert fc1_forward == [epilogue], hlo
+  assert not re.search(r"= f32\[256,512,2048\]\S* fusion\(", hlo), hlo
 
 
 @needs_libtpu

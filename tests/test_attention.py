@@ -243,6 +243,7 @@ def test_remat_keeps_params_loss_and_gradients():
     ({"model.remat": "all"}, "^model.remat: 'all' is not one of"),
     ({"model.residual_stream_dtype": "bfloat16"},
      "^model.residual_stream_dtype: 'bfloat16' is not one of 'float32', 'compute'"),
+    ({"model.gelu": "erf"}, "^model.gelu: 'erf' is not one of 'exact', 'tanh'"),
     ({"model.decoder.attention_impl": "cudnn"}, "^model.decoder.attention_impl: 'cudnn'"),
     ({"model.attention_impl": "cudnn"}, "^model.attention_impl: 'cudnn' needs model.dtype"),
     ({"model.decoder.attention_impl": "pallas", "model.decoder.window": (2, 2),

@@ -88,10 +88,21 @@ def _naive_swin_block(p, x, grid, window, shift):
   return x + _layer_norm(y, p["norm2"]["scale"], p["norm2"]["bias"], 1e-5)
 
 
+def _windows(x, grid):
+  """(B, L, C) tokens in row-major grid order -> the block's (B, windows, n, C)."""
+  return dec.partition_windows(x.reshape(x.shape[0], *grid, x.shape[-1]), (4, 4))
+
+
+def _tokens(windows, grid):
+  return dec.merge_windows(windows, grid, (4, 4)).reshape(windows.shape[0], -1,
+                                                          windows.shape[-1])
+
+
 def _swin_block_and_params(grid, shift, seed=0, output_scale=1.0):
-  """Block with random parameters; `output_scale` shrinks attn/MLP outputs so LN eps matters."""
+  """Block with random parameters and an input in windows; `output_scale` shrinks attn/MLP
+  outputs so LN eps matters."""
   block = dec.SwinBlock(HEADS, grid, (4, 4), shift, meta_mlp_dropout=0.1)
-  x = jax.random.normal(jax.random.key(seed), (2, grid[0] * grid[1], WIDTH))
+  x = _windows(jax.random.normal(jax.random.key(seed), (2, grid[0] * grid[1], WIDTH)), grid)
   params = _randomised(nn.unbox(block.init(jax.random.key(1), x)["params"]), seed)
   params["attn"]["proj"] = jax.tree.map(lambda a: a * output_scale, params["attn"]["proj"])
   params["mlp"]["fc2"] = jax.tree.map(lambda a: a * output_scale, params["mlp"]["fc2"])
@@ -103,8 +114,8 @@ def _swin_block_and_params(grid, shift, seed=0, output_scale=1.0):
                           ((8, 8), 2, 1e-3)])
 def test_swin_block_matches_per_window_loop(grid, shift, output_scale):
   block, params, x = _swin_block_and_params(grid, shift, output_scale=output_scale)
-  got = block.apply({"params": params}, x)
-  want = _naive_swin_block(params, x, grid, (4, 4), shift)
+  got = _tokens(block.apply({"params": params}, x), grid)
+  want = _naive_swin_block(params, _tokens(x, grid), grid, (4, 4), shift)
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
 
 
@@ -117,6 +128,15 @@ def test_partition_windows_index_layout():
       assert windows[2 * (t // 4) + f // 4, 4 * (t % 4) + f % 4] == grid_f * t + f
   merged = dec.merge_windows(dec.partition_windows(token, (4, 4)), (grid_t, grid_f), (4, 4))
   np.testing.assert_array_equal(merged, token)
+
+
+@pytest.mark.parametrize("shift", [-3, -2, -1, 1, 2, 3, 6, -17])
+def test_shift_windows_rolls_the_grid_in_the_window_layout(shift):
+  grid = (16, 8)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 8, 3))
+  want = dec.partition_windows(jnp.roll(x, shift, axis=1), (4, 4))
+  got = dec.shift_windows(dec.partition_windows(x, (4, 4)), grid, (4, 4), shift)
+  np.testing.assert_array_equal(got, want)
 
 
 def test_shift_mask_touches_only_wrapped_windows():
@@ -211,8 +231,12 @@ def test_invalid_mode_and_grid_raise():
   with pytest.raises(ValueError, match="mode"):
     _tiny_decoder(4).init(jax.random.key(0), x, ids_restore)
   block = dec.SwinBlock(HEADS, (6, 8))
-  with pytest.raises(ValueError, match="divisible"):
-    block.init(jax.random.key(0), jnp.zeros((1, 48, WIDTH)))
+  with pytest.raises(ValueError, match="not grid \\(6, 8\\) divisible by window"):
+    block.init(jax.random.key(0), jnp.zeros((1, 3, 16, WIDTH)))
+  model = dec.Decoder(grid=(6, 8), num_tokens=12, width=WIDTH, depth=2, num_heads=HEADS)
+  x, ids_restore, _ = _encoder_output(length=48)
+  with pytest.raises(ValueError, match="decoder grid \\(6, 8\\) is not divisible"):
+    model.init(jax.random.key(0), x, ids_restore)
 
 
 def test_decoder_from_config_demo_shape_and_bfloat16():

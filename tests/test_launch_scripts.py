@@ -61,16 +61,19 @@ def test_benchmark_gpu_times_the_xla_window_attention_at_the_batches_asked(tmp_p
   assert len(written) == 1 and "| encoder | 8 |" in written[0]
 
 
-@pytest.mark.parametrize("setting, flag", [
-    ("bf16_residual", "--config.model.residual_stream_dtype=compute"),
-    ("remat_dots", "--config.model.remat=dots"),
+@pytest.mark.parametrize("setting, flag, cublas", [
+    ("bf16_residual", "--config.model.residual_stream_dtype=compute", False),
+    ("remat_dots", "--config.model.remat=dots", False),
+    ("cublas", "--batch=64,128", True),
+    ("gelu_tanh", "--config.model.gelu=tanh", True),
+    ("fast", "--config.model.gelu=tanh --config.model.residual_stream_dtype=compute", True),
 ])
-def test_benchmark_gpu_times_each_phase_with_a_speed_setting(tmp_path, setting, flag):
+def test_benchmark_gpu_times_each_phase_with_a_speed_setting(tmp_path, setting, flag, cublas):
   """The runs named <phase>_<setting> call the benchmark on their phase with the setting
-  (an interpreter stub records the calls)."""
+  (an interpreter stub records the calls and their XLA_FLAGS)."""
   calls = tmp_path / "calls"
   python = tmp_path / "python"
-  python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+  python.write_text(f'#!/bin/sh\necho "$XLA_FLAGS | $*" >> {calls}\n')
   python.chmod(0o755)
   result = _benchmark_gpu(str(python), f"encoder_{setting}", f"tokenizer_{setting}",
                           BATCHES="64,128")
@@ -80,6 +83,7 @@ def test_benchmark_gpu_times_each_phase_with_a_speed_setting(tmp_path, setting, 
   for line, phase in zip(benchmarks, ("encoder", "tokenizer")):
     assert f"--phase={phase} --batch=64,128" in line
     assert line.endswith(flag)
+    assert ("--xla_gpu_enable_triton_gemm=false" in line.split(" | ")[0]) == cublas
 
 
 @pytest.mark.parametrize("user_flags, expected", [

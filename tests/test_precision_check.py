@@ -34,6 +34,30 @@ def test_bf16_side_of_the_gradient_check_keeps_the_checked_speed_settings():
   assert (config.model.dtype, config.model.residual_stream_dtype) == ("float32", "compute")
 
 
+def test_float32_runs_compute_as_the_reference_and_bfloat16_with_the_settings(tmp_path,
+                                                                               monkeypatch):
+  trained = {}
+
+  class RecordingTrainer:
+    def __init__(self, config, workdir):
+      trained[os.path.basename(workdir)] = config
+      self.loss_histories = {}
+
+    def run(self):
+      pass
+
+  monkeypatch.setattr(precision_check.driver, "Trainer", RecordingTrainer)
+  config = audio_config.get_config("demo")
+  config.model.gelu = "tanh"
+  config.model.residual_stream_dtype = "compute"
+  precision_check.train_runs(config, str(tmp_path))
+  settings = {name: (c.model.dtype, c.model.gelu, c.model.residual_stream_dtype, c.seed)
+              for name, c in trained.items()}
+  assert settings == {"float32": ("float32", "exact", "float32", config.seed),
+                      "bfloat16": ("bfloat16", "tanh", "compute", config.seed),
+                      "float32_next_seed": ("float32", "exact", "float32", config.seed + 1)}
+
+
 def test_bf16_demo_run_matches_float32(tmp_path):
   corpus = demo.write_demo_corpus(tmp_path / "corpus", clips_per_class=4, eval_clips_per_class=1)
   config = audio_config.get_config("demo")

@@ -208,12 +208,14 @@ def test_load_pretrained_reads_the_last_finished_phase(uninterrupted):
 
 
 def test_load_pretrained_drops_the_runs_speed_settings(uninterrupted, tmp_path):
-  """A run trained with cuDNN attention, the window kernel, remat and a bf16 residual
-  stream embeds anywhere, without remat and with a float32 stream."""
+  """A run trained with cuDNN attention, the window kernel, remat, a bf16 residual
+  stream and the tanh GELU embeds anywhere, without remat, with a float32 stream and
+  the exact GELU."""
   copy = tmp_path / "run"
   shutil.copytree(uninterrupted, copy)
   saved = json.loads((copy / "config.json").read_text())
-  saved["model"].update(attention_impl="cudnn", remat="full", residual_stream_dtype="compute")
+  saved["model"].update(attention_impl="cudnn", remat="full", residual_stream_dtype="compute",
+                        gelu="tanh")
   saved["model"]["decoder"]["attention_impl"] = "pallas"
   (copy / "config.json").write_text(json.dumps(saved))
   config, models, _ = workdir_lib.load_pretrained(str(copy))
@@ -222,6 +224,7 @@ def test_load_pretrained_drops_the_runs_speed_settings(uninterrupted, tmp_path):
   assert (models.encoder.attention_impl, models.encoder.remat) == ("auto", "none")
   assert models.decoder.window_attention_impl == "auto"
   assert models.encoder.residual_stream_dtype == models.estimator.residual_stream_dtype == "float32"
+  assert models.encoder.gelu == models.decoder.gelu == models.estimator.gelu == "exact"
 
 
 def _wait_for(path, timeout=300):

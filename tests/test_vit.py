@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bridle_jax.models import layers, masking, quantizer
-from bridle_jax.models.layers import Attention, Block, PatchEmbed, gelu
+from bridle_jax.models.layers import Attention, Block, Mlp, PatchEmbed, gelu, gelu_tanh
 from bridle_jax.models.pos_embed import audio_pos_embed
 from bridle_jax.models.vit import Encoder, encoder_from_config, residual_stream_dtype
 from bridle_jax.train import state as state_lib
@@ -240,6 +240,41 @@ def test_gelu_is_the_exact_erf_form_with_its_derivative():
   np.testing.assert_allclose(np.asarray(yb, np.float64), exact, rtol=2 ** -8, atol=1e-6)
   _, vjp = jax.vjp(gelu, xb)
   assert vjp(jnp.ones_like(xb))[0].dtype == jnp.bfloat16
+
+
+def test_tanh_gelu_is_the_approximation_with_its_derivative():
+  # Against float64 0.5·x·(1 + tanh(u)), u = √(2/π)(x + 0.044715x³), and its derivative.
+  x = np.concatenate([np.linspace(-9.0, 9.0, 2001), [-40.0, 0.0, 40.0]])
+  c = math.sqrt(2.0 / math.pi)
+  t = np.tanh(c * (x + 0.044715 * x ** 3))
+  slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+  value, grad = jax.jit(jax.vmap(jax.value_and_grad(gelu_tanh)))(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(value, 0.5 * x * (1.0 + t), rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(grad, slope, rtol=1e-5, atol=2e-6)
+  # Off the exact GELU by under 5e-4 anywhere, far below bf16's rounding of values near 1.
+  exact = jax.jit(gelu)(jnp.asarray(x, jnp.float32))
+  gap = np.abs(np.asarray(value) - np.asarray(exact))
+  assert 1e-4 < gap.max() < 5e-4
+  # Off a GPU, bf16 in is computed in float32 and rounded once.
+  xb = jnp.asarray(x, jnp.bfloat16)
+  yb = jax.jit(gelu_tanh)(xb)
+  assert yb.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(
+      np.asarray(yb, np.float32),
+      np.asarray(jax.nn.gelu(xb.astype(jnp.float32), approximate=True).astype(jnp.bfloat16),
+                 np.float32))
+
+
+def test_mlp_gelu_forms():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+  outputs = {}
+  for form in ("exact", "tanh"):
+    mlp = Mlp(gelu=form)
+    params = mlp.init(jax.random.PRNGKey(1), x)
+    outputs[form] = mlp.apply(params, x)
+  assert 0 < float(jnp.max(jnp.abs(outputs["exact"] - outputs["tanh"]))) < 1e-3
+  with pytest.raises(ValueError, match="gelu 'relu' is not one of 'exact', 'tanh'"):
+    Mlp(gelu="relu").init(jax.random.PRNGKey(1), x)
 
 
 def _demo_tokenizer_phase(dtype, residual_stream_dtype):

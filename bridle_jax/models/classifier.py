@@ -43,6 +43,7 @@ class DropPathBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'auto'
+  gelu: str = 'exact'
 
   @nn.compact
   def __call__(self, x, train: bool = False, valid_length: int | None = None):
@@ -52,7 +53,8 @@ class DropPathBlock(nn.Module):
                   name='attn')(y, valid_length)
     x = x + drop(y)
     y = layer_norm(self.dtype, self.param_dtype, 'norm2')(x)
-    return x + drop(Mlp(self.mlp_ratio, self.dtype, self.param_dtype, name='mlp')(y))
+    return x + drop(Mlp(self.mlp_ratio, self.dtype, self.param_dtype, self.gelu,
+                        name='mlp')(y))
 
 
 class Classifier(ViTBackbone):
@@ -78,7 +80,7 @@ class Classifier(ViTBackbone):
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
     block = rematted(DropPathBlock, self.remat, static_argnums=(2, 3))
     self.blocks = [block(self.num_heads, self.mlp_ratio, rate, self.dtype, self.param_dtype,
-                         self.attention_impl) for rate in rates]
+                         self.attention_impl, self.gelu) for rate in rates]
     # The probe's part (LayerNorm + Linear on the pooled features) runs in float32.
     self.fc_norm = layer_norm(jnp.float32, self.param_dtype)
     # timm's trunc_normal_(std=2e-5) cuts at +-2 absolute, i.e. +-1e5 standard deviations.

@@ -71,6 +71,20 @@ def merge_windows(x, grid: Sequence[int], window: Sequence[int]):
   return x.reshape(b, t, f, c)
 
 
+def shift_windows(x, grid: Sequence[int], window: Sequence[int], shift: int):
+  """The windows (B, windows, n, C) of the grid rolled by `shift` rows along time, as
+  `partition_windows(jnp.roll(merge_windows(x), shift, axis=1))` but without leaving the
+  window layout: rows move within a window or to the next window in time (one pass)."""
+  b, _, _, c = x.shape
+  (t, f), (wt, wf) = grid, window
+  x = x.reshape(b, t // wt, f // wf, wt, wf, c)
+  # -shift = windows·wt + row: time row i·wt + r takes the old row (i + windows)·wt + r + row
+  windows, row = divmod(-shift, wt)
+  x = jnp.concatenate([jnp.roll(x, -windows, axis=1)[:, :, :, row:],
+                       jnp.roll(x, -windows - 1, axis=1)[:, :, :, :row]], axis=3)
+  return x.reshape(b, (t // wt) * (f // wf), wt * wf, c)
+
+
 class MetaMlp(nn.Module):
   """Continuous relative position bias: Linear 2→384, ReLU, Dropout, Linear 384→heads."""
   num_heads: int
@@ -178,32 +192,30 @@ class SwinBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "auto"
+  gelu: str = "exact"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    """x: (B, grid_t·grid_f, D) in row-major (time, freq) order."""
-    b, length, dim = x.shape
-    grid_t, grid_f = self.grid
-    if length != grid_t * grid_f or grid_t % self.window[0] or grid_f % self.window[1]:
-      raise ValueError(f"SwinBlock: {length} tokens do not form grid {tuple(self.grid)} "
-                       f"divisible by window {tuple(self.window)}")
-    if not 0 <= self.shift < self.window[0]:
-      raise ValueError(f"SwinBlock: shift {self.shift} must lie in [0, {self.window[0]})")
+    """x: (B, windows, n, D), the token grid in its unshifted windows (`partition_windows`),
+    the layout the decoder keeps through all its Swin blocks."""
+    _, num_windows, n, _ = x.shape
+    (grid_t, grid_f), (wt, wf) = self.grid, self.window
+    if grid_t % wt or grid_f % wf or (num_windows, n) != (grid_t // wt * (grid_f // wf), wt * wf):
+      raise ValueError(f"SwinBlock: {num_windows} windows of {n} tokens are not grid "
+                       f"{tuple(self.grid)} divisible by window {tuple(self.window)}")
+    if not 0 <= self.shift < wt:
+      raise ValueError(f"SwinBlock: shift {self.shift} must lie in [0, {wt})")
 
-    h = x.reshape(b, grid_t, grid_f, dim)
-    mask = None
+    h, mask = x, None
     if self.shift:
-      h = jnp.roll(h, -self.shift, axis=1)
+      h = shift_windows(h, self.grid, self.window, -self.shift)
       mask = shift_attention_mask(self.grid, self.window, self.shift)
     h = WindowAttention(self.num_heads, self.window, self.meta_mlp_dropout, self.dtype,
-                        self.param_dtype, self.attention_impl, name="attn")(
-                            partition_windows(h, self.window), mask, deterministic)
-    h = merge_windows(h, self.grid, self.window)
+                        self.param_dtype, self.attention_impl, name="attn")(h, mask, deterministic)
     if self.shift:
-      h = jnp.roll(h, self.shift, axis=1)
-    h = h.reshape(b, length, dim)
+      h = shift_windows(h, self.grid, self.window, self.shift)
     x = x + _swin_layer_norm(self.dtype, self.param_dtype, "norm1")(h)
-    h = layers.Mlp(self.mlp_ratio, self.dtype, self.param_dtype, name="mlp")(x)
+    h = layers.Mlp(self.mlp_ratio, self.dtype, self.param_dtype, self.gelu, name="mlp")(x)
     return x + _swin_layer_norm(self.dtype, self.param_dtype, "norm2")(h)
 
 
@@ -233,6 +245,7 @@ class Decoder(nn.Module):
   attention_impl: str = "auto"         # global blocks (modes 0, 2, 3)
   window_attention_impl: str = "auto"  # Swin blocks (mode 1): WINDOW_IMPLEMENTATIONS
   remat: str = "none"                  # see layers.REMAT_POLICIES
+  gelu: str = "exact"                  # see layers.GELU_FORMS
 
   @nn.compact
   def __call__(self, x, ids_restore, deterministic: bool = True):
@@ -252,6 +265,11 @@ class Decoder(nn.Module):
                                       cls=True).astype(x.dtype)
     if self.mode != 0:
       x = x[:, 1:]
+    if self.mode == 1:  # the Swin blocks work on windows: partition once, merge at the end
+      if grid_t % self.window[0] or grid_f % self.window[1]:
+        raise ValueError(f"decoder grid {tuple(self.grid)} is not divisible by window "
+                         f"{tuple(self.window)}")
+      x = partition_windows(x.reshape(x.shape[0], grid_t, grid_f, self.width), self.window)
 
     swin_block = layers.rematted(SwinBlock, self.remat, static_argnums=(2,))
     global_block = layers.rematted(layers.Block, self.remat)
@@ -261,10 +279,12 @@ class Decoder(nn.Module):
         x = swin_block(self.num_heads, tuple(self.grid), tuple(self.window),
                        self.shift if shifted else 0, self.mlp_ratio, self.meta_mlp_dropout,
                        self.dtype, self.param_dtype, self.window_attention_impl,
-                       name=f"decoder_blocks_{i}")(x, deterministic)
+                       self.gelu, name=f"decoder_blocks_{i}")(x, deterministic)
       else:
         x = global_block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
-                         self.attention_impl, name=f"decoder_blocks_{i}")(x)
+                         self.attention_impl, self.gelu, name=f"decoder_blocks_{i}")(x)
+    if self.mode == 1:
+      x = merge_windows(x, self.grid, self.window).reshape(x.shape[0], -1, self.width)
 
     x = layers.layer_norm(self.dtype, self.param_dtype, "decoder_norm")(x)
     x = layers.dense(self.num_tokens, ("embed", "vocab"), self.dtype, self.param_dtype,
@@ -284,4 +304,4 @@ def decoder_from_config(model_cfg, grid: Sequence[int], num_tokens: int) -> Deco
       meta_mlp_dropout=dec.meta_mlp_dropout, pos_grid=model_cfg.pos_grid,
       dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get("attention_impl", "auto"),
       window_attention_impl=dec.get("attention_impl", "auto"),
-      remat=model_cfg.get("remat", "none"))
+      remat=model_cfg.get("remat", "none"), gelu=model_cfg.get("gelu", "exact"))

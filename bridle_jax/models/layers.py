@@ -13,12 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from bridle_jax.models import attention
+from bridle_jax.models import platform
 
 Dtype = Any
 
 LN_EPS = 1e-6
 _SQRT_HALF = float(np.sqrt(0.5))
 _INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
+_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
+_TANH_CUBIC = 0.044715
 
 
 def partitioned(init, *axes):
@@ -130,18 +133,56 @@ def _gelu_backward(x, grad):
 gelu.defvjp(_gelu_forward, _gelu_backward)
 
 
+@jax.custom_vjp
+def gelu_tanh(x):
+  """GELU in its tanh approximation x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))/2, in x's dtype.
+
+  Built for a GPU it is written in x's dtype, the form XLA:GPU folds with the preceding
+  matmul's bias add into that matmul as a cuBLAS epilogue (computed in float32 there) where
+  matmuls are cuBLAS calls, so the GELU takes no pass of its own; elsewhere it is computed
+  in float32. It differs from
+  the exact GELU by less than 5e-4. The backward computes the slope in float32 from the
+  saved input.
+  """
+  return _gelu_tanh_forward(x)[0]
+
+
+def _gelu_tanh_forward(x):
+  inner = x if platform.backend() == 'gpu' else x.astype(jnp.float32)
+  return jax.nn.gelu(inner, approximate=True).astype(x.dtype), x
+
+
+def _gelu_tanh_backward(x, grad):
+  # (1 + tanh(u)) / 2 = sigmoid(2u): in this form XLA:GPU fuses the slope into the fc1 bias
+  # gradient's reduction; in the tanh form it wrote the float32 product out first.
+  xf = x.astype(jnp.float32)
+  s = jax.nn.sigmoid(2.0 * _SQRT_2_OVER_PI * (xf + _TANH_CUBIC * xf * xf * xf))
+  slope = s + (2.0 * _SQRT_2_OVER_PI * xf * s * (1.0 - s)
+               * (1.0 + 3.0 * _TANH_CUBIC * xf * xf))
+  return ((grad.astype(jnp.float32) * slope).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_forward, _gelu_tanh_backward)
+
+# `model.gelu`: 'exact' (the erf form, as the reference's nn.GELU) or 'tanh'.
+GELU_FORMS = {'exact': gelu, 'tanh': gelu_tanh}
+
+
 class Mlp(nn.Module):
-  """fc1 -> exact (erf) GELU -> fc2."""
+  """fc1 -> GELU (`gelu`, a GELU_FORMS key) -> fc2."""
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  gelu: str = 'exact'
 
   @nn.compact
   def __call__(self, x):
+    if self.gelu not in GELU_FORMS:
+      raise ValueError(f"gelu {self.gelu!r} is not one of {', '.join(map(repr, GELU_FORMS))}")
     width = x.shape[-1]
     hidden = int(width * self.mlp_ratio)
     x = dense(hidden, ('embed', 'mlp'), self.dtype, self.param_dtype, 'fc1')(x)
-    x = gelu(x)
+    x = GELU_FORMS[self.gelu](x)
     return dense(width, ('mlp', 'embed'), self.dtype, self.param_dtype, 'fc2')(x)
 
 
@@ -240,6 +281,7 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'auto'
+  gelu: str = 'exact'
 
   @nn.compact
   def __call__(self, x, valid_length: int | None = None):
@@ -247,7 +289,7 @@ class Block(nn.Module):
     x = x + Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl,
                       name='attn')(y, valid_length)
     y = layer_norm(self.dtype, self.param_dtype, 'norm2')(x)
-    return x + Mlp(self.mlp_ratio, self.dtype, self.param_dtype, name='mlp')(y)
+    return x + Mlp(self.mlp_ratio, self.dtype, self.param_dtype, self.gelu, name='mlp')(y)
 
 
 REMAT_POLICIES = {

@@ -74,6 +74,7 @@ class Estimator(nn.Module):
   attention_impl: str = 'auto'
   remat: str = 'none'
   residual_stream_dtype: Dtype = jnp.float32
+  gelu: str = 'exact'
 
   @nn.compact
   def __call__(self, z_q):
@@ -84,7 +85,7 @@ class Estimator(nn.Module):
     block = rematted(Block, self.remat)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
-                self.attention_impl, name=f'estimator_blocks_{i}')(x)
+                self.attention_impl, self.gelu, name=f'estimator_blocks_{i}')(x)
     x = layer_norm(self.dtype, self.param_dtype, 'estimator_norm')(x)
     x = dense(self.teacher_width, ('embed', 'vocab'), self.dtype, self.param_dtype,
               'estimator_pred')(x)

@@ -35,6 +35,7 @@ class ViTBackbone(nn.Module):
   attention_impl: str = 'auto'
   remat: str = 'none'  # see layers.REMAT_POLICIES
   residual_stream_dtype: Dtype = jnp.float32  # the tokens between blocks and their gradient
+  gelu: str = 'exact'  # see layers.GELU_FORMS
 
   def setup(self):
     self.patch_embed = PatchEmbed(self.width, self.patch_size, self.dtype, self.param_dtype)
@@ -43,7 +44,7 @@ class ViTBackbone(nn.Module):
         (1, 1, self.width), self.param_dtype)
     block = rematted(Block, self.remat, static_argnums=(2,))
     self.blocks = [block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
-                         self.attention_impl) for _ in range(self.depth)]
+                         self.attention_impl, self.gelu) for _ in range(self.depth)]
     self.norm = layer_norm(self.dtype, self.param_dtype)
 
   @property
@@ -119,7 +120,8 @@ def backbone_kwargs(model_cfg: Any, grid: tuple[int, int]) -> dict[str, Any]:
       pos_table_t=model_cfg.get('pos_table_frames', 0) // model_cfg.patch_size,
       pos_crop=model_cfg.get('pos_crop', 'reference'),
       dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get('attention_impl', 'auto'),
-      remat=model_cfg.get('remat', 'none'), residual_stream_dtype=residual_stream_dtype(model_cfg))
+      remat=model_cfg.get('remat', 'none'), residual_stream_dtype=residual_stream_dtype(model_cfg),
+      gelu=model_cfg.get('gelu', 'exact'))
 
 
 def residual_stream_dtype(model_cfg: Any):
