@@ -30,18 +30,28 @@
 # that fails is reported and the others still run; the exit status says whether any
 # failed. Set BENCHMARKS_FILE to write elsewhere than ./BENCHMARKS.md, CONFIG to time
 # another config than configs/audio.py (configs/audio.py:demo runs on a laptop), BATCHES
-# to sweep other batch sizes than 128,256 (e.g. BATCHES=256 halves the compiling), and
-# PYTHON to use another interpreter than python3.
+# to sweep other batch sizes than 128,256 (e.g. BATCHES=256 halves the compiling),
+# PYTHON to use another interpreter than python3, and TIME_LIMIT to bound the whole
+# script in seconds (for a job with a deadline): each run may take the time left, and a
+# run that would start with less than MIN_RUN_S (default 90) left is skipped and named.
 set -uo pipefail
 PYTHON="${PYTHON:-python3}"
 CONFIG="${CONFIG:-configs/audio.py}"
 SCRATCH="${SCRATCH:-/tmp/bridle_benchmark}"
 BENCHMARKS_FILE="${BENCHMARKS_FILE:-BENCHMARKS.md}"
 BATCHES="${BATCHES:-128,256}"
+TIME_LIMIT="${TIME_LIMIT:-}"
+MIN_RUN_S="${MIN_RUN_S:-90}"
+for name in TIME_LIMIT MIN_RUN_S; do
+  if [[ -n "${!name}" && ! "${!name}" =~ ^[0-9]+$ ]]; then
+    echo "$name must be a whole number of seconds, got '${!name}'" >&2
+    exit 2
+  fi
+done
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$SCRATCH/jax_cache}"
-# XLA times candidate kernels for each fusion while it compiles; kept in $SCRATCH/autotune,
-# its choices serve the later runs (other settings, batch sizes and phases share most
-# fusions). Unless XLA_FLAGS names a directory already.
+# XLA times candidate Triton kernels while it compiles; kept in $SCRATCH/autotune, its
+# choices serve later runs (the audio steps left it empty on jax 0.11.2). Unless XLA_FLAGS
+# names a directory already.
 if [[ " ${XLA_FLAGS:-} " != *" --xla_gpu_per_fusion_autotune_cache_dir="* ]]; then
   export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_per_fusion_autotune_cache_dir=$SCRATCH/autotune"
 fi
@@ -56,8 +66,21 @@ if [[ ${#RUNS[@]} -eq 0 ]]; then
         encoder_fast tokenizer_fast profile input precision)
 fi
 
+seconds_left() { echo $((TIME_LIMIT - SECONDS)); }
+
+# The interpreter, stopped when TIME_LIMIT runs out.
+py() {
+  if [[ -n "$TIME_LIMIT" ]]; then
+    local left
+    left=$(seconds_left)
+    timeout "$((left > 0 ? left : 1))" "$PYTHON" "$@"
+  else
+    "$PYTHON" "$@"
+  fi
+}
+
 bench() {
-  "$PYTHON" -m bridle_jax.benchmark --config="$CONFIG" --write \
+  py -m bridle_jax.benchmark --config="$CONFIG" --write \
     --benchmarks_file="$BENCHMARKS_FILE" "$@"
 }
 
@@ -84,22 +107,22 @@ run() {
         bench --phase="${1%%_*}" --batch="$BATCHES" --config.model.gelu=tanh \
         --config.model.residual_stream_dtype=compute ;;
     joint) bench --phase=joint --batch="$BATCHES" ;;
-    attention) "$PYTHON" -m bridle_jax.benchmark_attention --config="$CONFIG" --batch=128 ;;
+    attention) py -m bridle_jax.benchmark_attention --config="$CONFIG" --batch=128 ;;
     profile)
       for phase in encoder tokenizer; do
-        "$PYTHON" -m bridle_jax.profile_step --config="$CONFIG" --phase="$phase" \
+        py -m bridle_jax.profile_step --config="$CONFIG" --phase="$phase" \
           --batch="${BATCHES##*,}" \
           --out_dir="$SCRATCH/profile/$phase" || return 1
       done ;;
     input)
-      "$PYTHON" -m bridle_jax.data.demo --out_dir="$SCRATCH/clips10" --clips_per_class=20 \
+      py -m bridle_jax.data.demo --out_dir="$SCRATCH/clips10" --clips_per_class=20 \
           --clip_seconds=10 &&
         bench --input --batch=64,128 --steps=30 --config.data.demo_dir= \
           --config.data.manifest="$SCRATCH/clips10/train.json" \
           --config.data.label_csv="$SCRATCH/clips10/class_labels_indices.csv" ;;
     precision)
       rm -rf "$SCRATCH/precision"
-      "$PYTHON" -m bridle_jax.precision_check --config=configs/audio.py:demo \
+      py -m bridle_jax.precision_check --config=configs/audio.py:demo \
         --workdir="$SCRATCH/precision" ;;
     *) echo "unknown run '$1'" >&2; return 2 ;;
   esac
@@ -115,11 +138,22 @@ modules+=", bridle_jax.precision_check"
 }
 
 failed=()
+skipped=()
 for name in "${RUNS[@]}"; do
+  if [[ -n "$TIME_LIMIT" && $(seconds_left) -lt $MIN_RUN_S ]]; then
+    echo "=== $name skipped: $(seconds_left) s of TIME_LIMIT left"
+    skipped+=("$name")
+    continue
+  fi
   echo "=== $name"
   run "$name" || failed+=("$name")
 done
+if [[ ${#skipped[@]} -gt 0 ]]; then
+  echo "skipped: ${skipped[*]}" >&2
+fi
 if [[ ${#failed[@]} -gt 0 ]]; then
   echo "failed: ${failed[*]}" >&2
+fi
+if [[ ${#failed[@]} -gt 0 || ${#skipped[@]} -gt 0 ]]; then
   exit 1
 fi

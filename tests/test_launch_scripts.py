@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -38,6 +39,21 @@ def test_benchmark_gpu_stops_at_once_when_the_package_does_not_import(tmp_path):
   assert "No module named 'no_such_module_here'" in result.stderr
   assert "bridle_jax does not import" in result.stderr and "=== encoder" not in result.stdout
 
+
+def test_benchmark_gpu_stops_a_run_at_the_time_limit_and_skips_the_rest(tmp_path):
+  """A run still going when TIME_LIMIT runs out is stopped and reported as failed; runs
+  that would start with less than MIN_RUN_S left are skipped and named."""
+  python = tmp_path / "python"
+  python.write_text('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nexec sleep 60\n')
+  python.chmod(0o755)
+  start = time.monotonic()
+  result = _benchmark_gpu(str(python), "encoder", "tokenizer", "joint", TIME_LIMIT="3",
+                          MIN_RUN_S="2")
+  assert time.monotonic() - start < 30
+  assert result.returncode == 1
+  assert "failed: encoder" in result.stderr and "skipped: tokenizer joint" in result.stderr
+  bad = _benchmark_gpu(str(python), "encoder", TIME_LIMIT="9 min")
+  assert bad.returncode == 2 and "TIME_LIMIT must be a whole number of seconds" in bad.stderr
 
 def test_benchmark_gpu_profiles_both_phases_at_the_last_batch_size(tmp_path):
   result = _benchmark_gpu(sys.executable, "profile", CONFIG="configs/audio.py:demo",
