@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from bridle_jax import aot
 from bridle_jax import aot_targets
@@ -146,14 +147,17 @@ def test_tanh_gelu_folds_into_the_fc1_matmul_on_a_gpu(form, epilogue):
   def loss(params, x):
     return jnp.sum(mlp.apply(params, x).astype(jnp.float32) ** 2)
 
-  cache = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)  # it holds CPU programs
+  # Off the tests' persistent compilation cache, which holds programs for this machine.
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
   try:
     with platform.compiling_for("gpu"):
       hlo = jax.jit(jax.grad(loss)).lower(params, x).compile(
           {"xla_gpu_enable_triton_gemm": False}).as_text()
   finally:
-    jax.config.update("jax_enable_compilation_cache", cache)
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
   fc1_forward = [re.search(r'"epilogue":"(\w+)"', line)[1] for line in hlo.splitlines()
                  if "__cublas$lt$matmul" in line and re.search(r'op_name="[^"]*/fc1/', line)
                  and "transpose(" not in line]
