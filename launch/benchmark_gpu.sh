@@ -84,29 +84,32 @@ bench() {
     --benchmarks_file="$BENCHMARKS_FILE" "$@"
 }
 
+# sweep PHASE [FLAG...]: the phase at each of $BATCHES.
+sweep() {
+  local phase=$1
+  shift
+  bench --phase="$phase" --batch="$BATCHES" "$@"
+}
+
+# The same with matmuls as cuBLAS calls, into which XLA folds bias adds and the tanh GELU.
+sweep_cublas() {
+  XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" sweep "$@"
+}
+
 run() {
+  local phase="${1%%_*}"
   case "$1" in
-    encoder) bench --phase=encoder --batch="$BATCHES" ;;
-    encoder_reuse) bench --phase=encoder --batch="$BATCHES" \
-        --config.encoder_phase.reuse_codes=True --config.data.roll_mag_aug=False ;;
-    encoder_xla_window) bench --phase=encoder --batch="$BATCHES" \
-        --config.model.decoder.attention_impl=xla ;;
-    tokenizer) bench --phase=tokenizer --batch="$BATCHES" ;;
+    encoder | tokenizer | joint) sweep "$1" ;;
+    encoder_reuse) sweep encoder --config.encoder_phase.reuse_codes=True \
+        --config.data.roll_mag_aug=False ;;
+    encoder_xla_window) sweep encoder --config.model.decoder.attention_impl=xla ;;
     encoder_bf16_residual | tokenizer_bf16_residual)
-      bench --phase="${1%%_*}" --batch="$BATCHES" --config.model.residual_stream_dtype=compute ;;
-    encoder_remat_dots | tokenizer_remat_dots)
-      bench --phase="${1%%_*}" --batch="$BATCHES" --config.model.remat=dots ;;
-    encoder_cublas | tokenizer_cublas)
-      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" \
-        bench --phase="${1%%_*}" --batch="$BATCHES" ;;
-    encoder_gelu_tanh | tokenizer_gelu_tanh)
-      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" \
-        bench --phase="${1%%_*}" --batch="$BATCHES" --config.model.gelu=tanh ;;
+      sweep "$phase" --config.model.residual_stream_dtype=compute ;;
+    encoder_remat_dots | tokenizer_remat_dots) sweep "$phase" --config.model.remat=dots ;;
+    encoder_cublas | tokenizer_cublas) sweep_cublas "$phase" ;;
+    encoder_gelu_tanh | tokenizer_gelu_tanh) sweep_cublas "$phase" --config.model.gelu=tanh ;;
     encoder_fast | tokenizer_fast)
-      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" \
-        bench --phase="${1%%_*}" --batch="$BATCHES" --config.model.gelu=tanh \
-        --config.model.residual_stream_dtype=compute ;;
-    joint) bench --phase=joint --batch="$BATCHES" ;;
+      sweep_cublas "$phase" --config.model.gelu=tanh --config.model.residual_stream_dtype=compute ;;
     attention) py -m bridle_jax.benchmark_attention --config="$CONFIG" --batch=128 ;;
     profile)
       for phase in encoder tokenizer; do
