@@ -1,7 +1,9 @@
-"""What every command does with a config first: check it, expand its paths, write demo data."""
+"""What every command does with a config first: check it, expand its paths, write demo data,
+turn on the compilation cache."""
 import jax
 from jax.experimental import multihost_utils
 
+from bridle_jax import compile_cache
 from bridle_jax import config_validation
 from bridle_jax.data import demo
 
@@ -9,10 +11,14 @@ PATH_FIELDS = ("demo_dir", "manifest", "label_csv")
 
 
 def prepare(config, workdir: str) -> None:
-  """Validates the config, expands its data paths and writes the demo corpus if configured."""
+  """Validates the config, expands its data paths, writes the demo corpus if configured and,
+  given a workdir, caches compiled programs in `compile_cache_dir` (see `compile_cache`)."""
   config_validation.validate_config(config)
   for field in PATH_FIELDS:
     config.data[field] = config_validation.expand_path(config.data[field], workdir)
+  if workdir and "compile_cache_dir" in config:
+    config.compile_cache_dir = config_validation.expand_path(config.compile_cache_dir, workdir)
+    compile_cache.enable(config.compile_cache_dir)
   if config.data.demo_dir:
     if jax.process_index() == 0:
       demo.write_demo_corpus(config.data.demo_dir, seed=config.seed)

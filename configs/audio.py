@@ -131,6 +131,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.log_every = 50
   c.usage_every = 500              # codebook usage (fraction used, perplexity)
   c.max_nonfinite_updates = 20     # per phase; past it the run stops (skipped steps count)
+  c.compile_cache_dir = "{workdir}/compile_cache"  # compiled steps, reloaded on a restart
+                                   # ("": none; JAX_COMPILATION_CACHE_DIR, if set, wins)
 
   if arg == "demo":
     _shrink_for_demo(c)
