@@ -6,7 +6,8 @@ slices of the fused qkv); on an H200 those took about a fifth of the audio encod
 phase's step. Here one Triton program takes `WINDOWS_PER_PROGRAM` windows of one head
 straight from the fused qkv projection and keeps the rest on chip: the projection's bias,
 normalisation, logits, bias, shift mask, softmax and the weighted sum forward; the
-recomputed softmax and all gradients backward, written straight into the fused layout.
+recomputed softmax and all gradients backward, written straight into the fused layout
+(the projection bias's gradient summed on chip too).
 Off a GPU the kernels run in Pallas' interpreter (slow; for tests). Under a sharded jit
 each device runs them on its own samples and heads (samples are never split).
 
@@ -26,7 +27,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bridle_jax.models import layers, platform
+from bridle_jax.models import platform
 
 NORM_EPS = 1e-6
 # The fastest program size on an H100 at the audio recipe's shapes (4x4 windows, head size
@@ -125,12 +126,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, qb_ref, kb_ref, vb_ref, tau_ref, bias_r
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, qb_ref, kb_ref, vb_ref, tau_ref, bias_ref, mask_ref,
-                     out_ref, lse_ref, dout_ref, dqkv_ref, dtau_ref, dbias_ref, *, plan: Plan):
+                     out_ref, lse_ref, dout_ref, dqkv_ref, dtau_ref, dbias_ref, dqb_ref,
+                     dkb_ref, dvb_ref, *, plan: Plan):
   dtype = v_ref.dtype
   head, first = pl.program_id(0), pl.program_id(1) * plan.per_program
   inv_tau, bias = tau_ref[...], bias_ref[...]
   dbias = jnp.zeros(bias.shape, jnp.float32)
   dtau = jnp.zeros(inv_tau.shape, jnp.float32)
+  dqkv_bias = [jnp.zeros(qb_ref.shape, jnp.float32) for _ in range(3)]
   for g in range(plan.per_program):
     mask = mask_ref[g] if plan.has_mask else None
     q, k, v = _biased((q_ref, k_ref, v_ref), (qb_ref, kb_ref, vb_ref), g)
@@ -150,8 +153,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, qb_ref, kb_ref, vb_ref, tau_ref, bias_
     dk = _unit_backward(w.k_unit, w.k_scale, dk_hat)
     for part, grad in enumerate((dq, dk, dv)):  # straight into the fused (S, n, 3, H, K)
       dqkv_ref[first + g, :, part, head, :] = grad.astype(dqkv_ref.dtype)
+      dqkv_bias[part] += jnp.sum(grad, axis=0)
   dbias_ref[...] = dbias
   dtau_ref[...] = dtau
+  for ref, grad in zip((dqb_ref, dkb_ref, dvb_ref), dqkv_bias):
+    ref[...] = grad
 
 
 def _specs(qkv_shape, plan: Plan):
@@ -176,7 +182,8 @@ def _specs(qkv_shape, plan: Plan):
       lse=pl.BlockSpec((g, None, n), lambda h, i: (i, h, 0)),
       whole=pl.BlockSpec(memory_space=pl.ANY),
       partial_bias=pl.BlockSpec((None, None, n, n), lambda h, i: (i, h, 0, 0)),
-      partial_tau=pl.BlockSpec((None, None, n), lambda h, i: (i, h, 0)))
+      partial_tau=pl.BlockSpec((None, None, n), lambda h, i: (i, h, 0)),
+      partial_qkv_bias=pl.BlockSpec((None, None, head_dim), lambda h, i: (i, h, 0)))
 
 
 def _call(kernel, plan: Plan, qkv_shape, in_specs, out_specs, out_shape):
@@ -202,9 +209,10 @@ _BIAS = ("heads", "n", "m")
 _MASK = ("w", "n", "m")
 _PARTIAL_TAU = ("samples", "c", "heads", "n")
 _PARTIAL_BIAS = ("samples", "c", "heads", "n", "m")
+_PARTIAL_QKV_BIAS = ("samples", "c", "heads", "k")
 _FORWARD_AXES = ((_QKV, _QKV_BIAS, _TAU, _BIAS, _MASK), (_HEADS, _LSE))
 _BACKWARD_AXES = ((_QKV, _QKV_BIAS, _TAU, _BIAS, _MASK, _HEADS, _LSE, _HEADS),
-                  (_QKV, _PARTIAL_TAU, _PARTIAL_BIAS))
+                  (_QKV, _PARTIAL_TAU, _PARTIAL_BIAS) + (_PARTIAL_QKV_BIAS,) * 3)
 _FACTORS = {"samples": "s", "heads": "h"}
 
 
@@ -246,24 +254,26 @@ def _forward_call(qkv, qkv_bias, tau_rows, bias, mask, plan):
 
 
 def _backward_call(qkv, qkv_bias, tau_rows, bias, mask, out, lse, dout, plan):
-  """Gradients: dqkv like qkv, and per-program partial sums of dtau and dbias."""
-  samples, windows, n, _, heads, _ = qkv.shape
+  """Gradients: dqkv like qkv, and per-program partial sums of dtau, dbias and the q, k and
+  v biases."""
+  samples, windows, n, _, heads, head_dim = qkv.shape
   flat = lambda t: t.reshape(samples * windows, *t.shape[2:])
   programs = samples * windows // plan.per_program
   s = _specs(flat(qkv).shape, plan)
-  dqkv, dtau, dbias = _call(
+  dqkv, *partials = _call(
       _backward_kernel, plan, flat(qkv).shape,
       [s["q"], s["k"], s["v"], *s["qkv_bias"], s["tau"], s["bias"], s["mask"], s["heads"],
        s["lse"], s["heads"]],
-      [s["whole"], s["partial_tau"], s["partial_bias"]],
+      [s["whole"], s["partial_tau"], s["partial_bias"], *[s["partial_qkv_bias"]] * 3],
       [jax.ShapeDtypeStruct(flat(qkv).shape, qkv.dtype),
        jax.ShapeDtypeStruct((programs, heads, n), jnp.float32),
-       jax.ShapeDtypeStruct((programs, heads, n, n), jnp.float32)])(
+       jax.ShapeDtypeStruct((programs, heads, n, n), jnp.float32),
+       *[jax.ShapeDtypeStruct((programs, heads, head_dim), jnp.float32)] * 3])(
            flat(qkv), flat(qkv), flat(qkv), qkv_bias, qkv_bias, qkv_bias, tau_rows, bias, mask,
            flat(out), flat(lse), flat(dout))
   per_sample = programs // samples
-  return (dqkv.reshape(qkv.shape), dtau.reshape(samples, per_sample, *dtau.shape[1:]),
-          dbias.reshape(samples, per_sample, *dbias.shape[1:]))
+  return (dqkv.reshape(qkv.shape),
+          *(p.reshape(samples, per_sample, *p.shape[1:]) for p in partials))
 
 
 _forward_op = _partitioned(_forward_call, _FORWARD_AXES)
@@ -282,10 +292,11 @@ def _attention_forward(qkv, qkv_bias, tau_rows, bias, mask, plan):
 
 def _attention_backward(plan, residuals, dout):
   qkv, qkv_bias, tau_rows, bias, mask, out, lse = residuals
-  dqkv, dtau, dbias = _backward_op(qkv, qkv_bias, tau_rows, bias, mask, out, lse,
-                                   dout.astype(qkv.dtype), plan)
-  return (dqkv, layers.bias_gradient(dqkv, qkv_bias), jnp.sum(dtau, axis=(0, 1)),
-          jnp.sum(dbias, axis=(0, 1)), jnp.zeros_like(mask))
+  dqkv, dtau, dbias, *dqkv_bias = _backward_op(qkv, qkv_bias, tau_rows, bias, mask, out, lse,
+                                               dout.astype(qkv.dtype), plan)
+  total = lambda partial, axes=(0, 1): jnp.sum(partial, axis=axes)
+  return (dqkv, total(jnp.stack(dqkv_bias), (1, 2)), total(dtau), total(dbias),
+          jnp.zeros_like(mask))
 
 
 _attention.defvjp(_attention_forward, _attention_backward)
