@@ -118,14 +118,16 @@ def test_vit_attention_projects_q_k_v_with_one_matmul_each():
   """cuDNN takes q, k and v as separate operands: each comes straight out of its own
   matmul, not as a slice of one fused (B, N, 3, heads, head_dim) output (which XLA copies
   before a custom call), from the same (width, 3, heads, head_dim) kernel. Only q gets a
-  bias added (the k and v biases are folded away: test_vit)."""
+  bias added (the k and v biases are folded away: test_vit), to the matmul's flat output
+  (the form XLA:GPU folds into the cuBLAS call), before the split into heads."""
   module = layers.Attention(num_heads=2)
   x = jax.random.normal(jax.random.key(0), (2, 5, 8))
   params = module.init(jax.random.key(1), x)
   jaxpr = str(jax.make_jaxpr(lambda x: module.apply(params, x))(x))
-  projections = [line for line in jaxpr.splitlines() if "f32[2,5,2,4] = dot_general" in line]
-  assert len(projections) == 3 and "f32[2,5,3,2,4]" not in jaxpr
-  assert jaxpr.count("f32[2,5,2,4] = add") == 1
+  matmuls = [line for line in jaxpr.splitlines() if "f32[2,5,8] = dot_general" in line]
+  assert len(matmuls) == 4  # q, k, v and the output projection
+  assert "f32[2,5,3,2,4]" not in jaxpr and "f32[2,5,24]" not in jaxpr
+  assert jaxpr.count("f32[2,5,8] = add") == 2  # q's bias and the output projection's
   assert nn.unbox(params)["params"]["qkv"]["kernel"].shape == (8, 3, 2, 4)
 
 

@@ -221,11 +221,17 @@ class QKVProjection(nn.Module):
     bias = self.param('bias', partitioned(nn.initializers.zeros, None, 'heads', 'kv'),
                       shape[1:], self.param_dtype)
     x, kernel = jnp.asarray(x, self.dtype), kernel.astype(self.dtype)
+    # Each matmul has one flat output axis and its bias one flat vector: the form in which
+    # XLA:GPU adds the bias inside the cuBLAS call instead of in a pass of its own.
+    matmul = lambda w: jnp.einsum('...d,de->...e', x, w.reshape(width, -1))
+    unflatten = lambda t, axes: t.reshape(t.shape[:-1] + axes)
     if self.fused:
-      projection = jnp.einsum('...d,dshk->...shk', x, kernel)
-      return (projection, bias) if self.bias_apart else add_bias(projection, bias)
-    q, k, v = (jnp.einsum('...d,dhk->...hk', x, kernel[:, part]) for part in range(3))
-    return add_bias(q, bias[0]), k, v, bias[2]
+      if self.bias_apart:
+        return unflatten(matmul(kernel), shape[1:]), bias
+      return unflatten(add_bias(matmul(kernel), bias.reshape(-1)), shape[1:])
+    q, k, v = (matmul(kernel[:, part]) for part in range(3))
+    q = add_bias(q, bias[0].reshape(-1))
+    return *(unflatten(t, shape[2:]) for t in (q, k, v)), bias[2]
 
 
 class HeadsProjection(nn.Module):
