@@ -41,6 +41,7 @@ from bridle_jax import prepare
 from bridle_jax.data import audio
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
+from bridle_jax.models import platform
 from bridle_jax.train import device_memory
 from bridle_jax.train import optim
 from bridle_jax.train import sharding
@@ -215,7 +216,8 @@ def phase_programs(config, kind: str, batch: int, mesh) -> PhasePrograms:
   def jitted(**kwargs):
     fn = steps.phase_step(models, kind, phase_config, tx, schedule, **kwargs)
     return jax.jit(fn, in_shardings=(shardings, {name: batch_sharding for name in batch_specs}),
-                   out_shardings=(shardings, replicated, replicated), donate_argnums=0)
+                   out_shardings=(shardings, replicated, replicated), donate_argnums=0,
+                   compiler_options=platform.compiler_options())
 
   programs = [jitted()] + ([jitted(with_tokenizer=False)] if kind == "joint" else [])
   return PhasePrograms(models, fresh, shardings, batch_specs, programs)

@@ -24,6 +24,7 @@ from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
 from bridle_jax.evaluate import verdict
+from bridle_jax.models import platform
 from bridle_jax.train import checkpoint
 from bridle_jax.train import code_cache
 from bridle_jax.train import device_memory
@@ -235,7 +236,7 @@ class Trainer:
                             **kwargs)
       return jax.jit(fn, in_shardings=(shardings, batch_shardings),
                      out_shardings=(shardings, self.replicated, self.replicated),
-                     donate_argnums=0)
+                     donate_argnums=0, compiler_options=platform.compiler_options())
 
     encoder_only_step = compile_step(with_tokenizer=False) if phase.kind == "joint" else None
     logging.info("%s: %d steps (%d per epoch), batch %d%s", phase.id, total, steps_per_epoch,
@@ -261,7 +262,8 @@ class Trainer:
     spec = models.quantizer
     codes_fn = jax.jit(
         lambda s, b: steps.codes_step(s, b, models=models, cold_start=cold_start),
-        in_shardings=(shardings, batch_shardings), out_shardings=self.batch_sharding)
+        in_shardings=(shardings, batch_shardings), out_shardings=self.batch_sharding,
+        compiler_options=platform.compiler_options())
     cache = code_cache.CodeCache(len(self.source), models.encoder.num_patches,
                                  spec.num_codebooks * spec.soft_code, spec.codebook_size,
                                  jax.process_count())

@@ -128,24 +128,19 @@ def test_gpu_targets_have_their_devices_and_memory():
   assert aot_targets.resolve("H200").device_kind == "NVIDIA H200"
 
 
-@needs_cuda_plugin
-@pytest.mark.parametrize("form, epilogue", [("exact", "BIAS"), ("tanh", "BIAS_GELU_AUX")])
-def test_tanh_gelu_folds_into_the_fc1_matmul_on_a_gpu(form, epilogue):
-  """Compiled for an H100, the tanh GELU and fc1's bias become the cuBLAS call's epilogue,
-  which also writes fc1's output for the backward; the exact GELU is a pass of its own.
-  Either backward fuses the GELU's slope into fc1's bias-gradient sum instead of writing
-  the float32 product out."""
+def _gradient_hlo_for_h100(module, input_shape) -> str:
+  """The optimised HLO of the gradient of sum(module(x)²) in bf16, compiled for an H100
+  as the train steps are (`platform.compiler_options`), with matmuls as cuBLAS calls
+  (the form whose epilogues XLA fills)."""
   target = aot_targets.resolve("h100")
   replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(target.devices, ("d",)),
                                           jax.sharding.PartitionSpec())
-  mlp = layers.Mlp(dtype=jnp.bfloat16, gelu=form)
-  # The decoder MLP's shapes at batch 256: XLA's fusion choices depend on them.
-  x = jax.ShapeDtypeStruct((256, 512, 512), jnp.bfloat16, sharding=replicated)
+  x = jax.ShapeDtypeStruct(input_shape, jnp.bfloat16, sharding=replicated)
   params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated),
-                        jax.eval_shape(mlp.init, jax.random.PRNGKey(0), x))
+                        jax.eval_shape(module.init, jax.random.PRNGKey(0), x))
 
   def loss(params, x):
-    return jnp.sum(mlp.apply(params, x).astype(jnp.float32) ** 2)
+    return jnp.sum(module.apply(params, x).astype(jnp.float32) ** 2)
 
   # Off the tests' persistent compilation cache, which holds programs for this machine.
   enabled = jax.config.jax_enable_compilation_cache
@@ -153,16 +148,53 @@ def test_tanh_gelu_folds_into_the_fc1_matmul_on_a_gpu(form, epilogue):
   compilation_cache.reset_cache()
   try:
     with platform.compiling_for("gpu"):
-      hlo = jax.jit(jax.grad(loss)).lower(params, x).compile(
-          {"xla_gpu_enable_triton_gemm": False}).as_text()
+      options = {"xla_gpu_enable_triton_gemm": False, **platform.compiler_options()}
+      return jax.jit(jax.grad(loss)).lower(params, x).compile(options).as_text()
   finally:
     jax.config.update("jax_enable_compilation_cache", enabled)
     compilation_cache.reset_cache()
-  fc1_forward = [re.search(r'"epilogue":"(\w+)"', line)[1] for line in hlo.splitlines()
-                 if "__cublas$lt$matmul" in line and re.search(r'op_name="[^"]*/fc1/', line)
-                 and "transpose(" not in line]
-  assert fc1_forward == [epilogue], hlo
+
+
+def _forward_epilogues(hlo: str, layer: str) -> list[str]:
+  """The epilogues of the forward cuBLAS calls whose op name passes through `layer`."""
+  return [re.search(r'"epilogue":"(\w+)"', line)[1] for line in hlo.splitlines()
+          if "__cublas$lt$matmul" in line and re.search(rf'op_name="[^"]*/{layer}/', line)
+          and "transpose(" not in line]
+
+
+@needs_cuda_plugin
+@pytest.mark.parametrize("form, epilogue", [("exact", "BIAS"), ("tanh", "BIAS_GELU_AUX")])
+def test_tanh_gelu_folds_into_the_fc1_matmul_on_a_gpu(form, epilogue):
+  """Compiled for an H100, the tanh GELU and fc1's bias become the cuBLAS call's epilogue,
+  which also writes fc1's output for the backward; the exact GELU is a pass of its own.
+  Either backward fuses the GELU's slope into fc1's bias-gradient sum instead of writing
+  the float32 product out."""
+  # The decoder MLP's shapes at batch 256: XLA's fusion choices depend on them.
+  hlo = _gradient_hlo_for_h100(layers.Mlp(dtype=jnp.bfloat16, gelu=form), (256, 512, 512))
+  assert _forward_epilogues(hlo, "fc1") == [epilogue], hlo
   assert not re.search(r"= f32\[256,512,2048\]\S* fusion\(", hlo), hlo
+
+
+@needs_cuda_plugin
+def test_the_q_bias_is_added_inside_its_matmul_on_a_gpu():
+  """Compiled for an H100, the ViT attention's q, k and v come from three cuBLAS calls,
+  q's with its bias as the epilogue, and cuDNN takes them as written: no pass over q, k or
+  v between the matmuls and the attention call. At 8 samples XLA would merge the three
+  matmuls into one and copy its slices, but for `platform.compiler_options`."""
+  module = layers.Attention(num_heads=12, dtype=jnp.bfloat16)
+  hlo = _gradient_hlo_for_h100(module, (8, 514, 768))
+  assert sorted(_forward_epilogues(hlo, "qkv")) == ["BIAS", "DEFAULT", "DEFAULT"], hlo
+  assert not re.search(r"= bf16\[8,514,(12,64|768)\]\S* fusion\(", hlo), hlo
+
+
+def test_steps_for_a_gpu_are_compiled_without_matmul_merging(monkeypatch):
+  """Only programs for a GPU get the option, and XLA_FLAGS naming it wins."""
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert platform.compiler_options() == {}  # this CPU
+  with platform.compiling_for("gpu"):
+    assert platform.compiler_options() == {"xla_gpu_dot_merger_threshold_mb": 0}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_dot_merger_threshold_mb=32")
+    assert platform.compiler_options() == {}
 
 
 @needs_libtpu
@@ -202,6 +234,7 @@ def test_encoder_step_compiles_for_an_h100_with_cudnn_and_the_window_kernel(tmp_
   assert 1 < _peak_mib(out, 8) < 1024
   hlo = (tmp_path / "encoder_8.hlo").read_text()
   assert "__cudnn$fmhaSoftmaxBackward" in hlo and "__gpu$xla.gpu.triton" in hlo
+  assert len(_forward_epilogues(hlo, "Encoder.transform/blocks_0/attn/qkv")) == 3  # unmerged
 
 
 @needs_libtpu

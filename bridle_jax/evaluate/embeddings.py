@@ -41,6 +41,7 @@ from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import audio
 from bridle_jax.data import sources
 from bridle_jax.models import classifier
+from bridle_jax.models import platform
 from bridle_jax.models import vit
 
 DEFAULT_BATCH_SIZE = 32
@@ -110,7 +111,7 @@ class Embedder:
                                            classifier.input_grid(model_config, data_config))
     self.params = encoder_params
     self.batch_size = batch_size
-    self._forward = jax.jit(self._embed_batch)
+    self._forward = jax.jit(self._embed_batch, compiler_options=platform.compiler_options())
 
   @classmethod
   def from_workdir(cls, workdir: str, phase_id: str | None = None,

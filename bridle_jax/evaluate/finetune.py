@@ -44,6 +44,7 @@ from bridle_jax.evaluate import fast_probe
 from bridle_jax.evaluate import layer_decay
 from bridle_jax.evaluate import metrics
 from bridle_jax.models import classifier as classifier_lib
+from bridle_jax.models import platform
 from bridle_jax.train import checkpoint
 from bridle_jax.train import device_memory
 from bridle_jax.train import monitor
@@ -311,7 +312,7 @@ class Finetuner:
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=self.model, features=self.features),
         in_shardings=(self.shardings.params, {**batch_shardings, "mask": self.batch_sharding}),
-        out_shardings=self.replicated)
+        out_shardings=self.replicated, compiler_options=platform.compiler_options())
     self.encoder_params = self._pretrained_encoder() if config.init_from else None
     self._start = jax.jit(self._start_state, out_shardings=self.shardings)
     self._train_steps = {}  # (total, warmup) -> compiled step; equal folds share one
@@ -360,7 +361,8 @@ class Finetuner:
                             loss_fn=classification_loss(ft.loss), tx=self.tx,
                             schedule=schedule, scales=self.scales, trainable=self.trainable),
           in_shardings=(self.shardings, {k: self.batch_sharding for k in BATCH_KEYS}),
-          out_shardings=(self.shardings, self.replicated), donate_argnums=0)
+          out_shardings=(self.shardings, self.replicated), donate_argnums=0,
+          compiler_options=platform.compiler_options())
     return self._train_steps[total, warmup]
 
   def device_batch(self, host_batch: dict) -> dict:
