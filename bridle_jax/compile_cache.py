@@ -23,7 +23,6 @@ _set_here: str | None = None  # the directory `enable` last gave JAX
 def enable(directory: str) -> str | None:
   """Makes JAX cache compiled programs in `directory` ('' turns the cache off unless the
   process names one). Returns the directory in use, None for none."""
-  global _set_here
   current = jax.config.jax_compilation_cache_dir
   if current and current != _set_here:
     return current

@@ -87,8 +87,10 @@ def test_reused_codes_train_exactly_like_recomputed_ones(corpus, tmp_path):
   assert reused["batches_with_reused_codes"] == sum(k * batch >= num_clips for k in range(total))
   assert reused["batches_with_reused_codes"] > 0
   np.testing.assert_allclose(reused["final_loss"], plain["final_loss"], rtol=1e-5)
+  # The two steps are different programs, so float32 rounding differs (up to 2e-6 seen);
+  # one step trained on other codes moves parameters by about the learning rate, 1e-3.
   for a, b in zip(jax.tree.leaves(plain_params), jax.tree.leaves(reused_params)):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_reuse_needs_unaugmented_input(corpus, tmp_path):

@@ -294,8 +294,8 @@ def _attention_backward(plan, residuals, dout):
   qkv, qkv_bias, tau_rows, bias, mask, out, lse = residuals
   dqkv, dtau, dbias, *dqkv_bias = _backward_op(qkv, qkv_bias, tau_rows, bias, mask, out, lse,
                                                dout.astype(qkv.dtype), plan)
-  total = lambda partial, axes=(0, 1): jnp.sum(partial, axis=axes)
-  return (dqkv, total(jnp.stack(dqkv_bias), (1, 2)), total(dtau), total(dbias),
+  dqkv_bias = jnp.sum(jnp.stack(dqkv_bias), axis=(1, 2))  # (3, heads, head_dim)
+  return (dqkv, dqkv_bias, jnp.sum(dtau, axis=(0, 1)), jnp.sum(dbias, axis=(0, 1)),
           jnp.zeros_like(mask))
 
 
