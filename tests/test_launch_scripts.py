@@ -77,14 +77,19 @@ def test_benchmark_gpu_times_the_xla_window_attention_at_the_batches_asked(tmp_p
   assert len(written) == 1 and "| encoder | 8 |" in written[0]
 
 
-@pytest.mark.parametrize("setting, flag, cublas", [
-    ("bf16_residual", "--config.model.residual_stream_dtype=compute", False),
-    ("remat_dots", "--config.model.remat=dots", False),
-    ("cublas", "--batch=64,128", True),
-    ("gelu_tanh", "--config.model.gelu=tanh", True),
-    ("fast", "--config.model.gelu=tanh --config.model.residual_stream_dtype=compute", True),
+CUBLAS = "--xla_gpu_enable_triton_gemm=false"
+MERGING = "--xla_gpu_dot_merger_threshold_mb=32"
+
+
+@pytest.mark.parametrize("setting, flag, xla_flag", [
+    ("bf16_residual", "--config.model.residual_stream_dtype=compute", None),
+    ("remat_dots", "--config.model.remat=dots", None),
+    ("cublas", "--batch=64,128", CUBLAS),
+    ("gelu_tanh", "--config.model.gelu=tanh", CUBLAS),
+    ("fast", "--config.model.gelu=tanh --config.model.residual_stream_dtype=compute", CUBLAS),
+    ("merging", "--batch=64,128", MERGING),
 ])
-def test_benchmark_gpu_times_each_phase_with_a_speed_setting(tmp_path, setting, flag, cublas):
+def test_benchmark_gpu_times_each_phase_with_a_speed_setting(tmp_path, setting, flag, xla_flag):
   """The runs named <phase>_<setting> call the benchmark on their phase with the setting
   (an interpreter stub records the calls and their XLA_FLAGS)."""
   calls = tmp_path / "calls"
@@ -99,7 +104,9 @@ def test_benchmark_gpu_times_each_phase_with_a_speed_setting(tmp_path, setting, 
   for line, phase in zip(benchmarks, ("encoder", "tokenizer")):
     assert f"--phase={phase} --batch=64,128" in line
     assert line.endswith(flag)
-    assert ("--xla_gpu_enable_triton_gemm=false" in line.split(" | ")[0]) == cublas
+    xla_flags = line.split(" | ")[0].split()
+    for known in (CUBLAS, MERGING):
+      assert (known in xla_flags) == (known == xla_flag), known
 
 
 @pytest.mark.parametrize("user_flags, expected", [
