@@ -25,10 +25,11 @@
 # $SCRATCH/clips10) and precision (bf16 against float32 on the demo, in $SCRATCH). Each
 # batch size of a ViT-B phase spends about two minutes compiling on an H100-class GPU:
 # name a few runs per call where a call's time is short. Compiled programs are cached in
-# $SCRATCH/jax_cache and XLA's Triton kernel choices in $SCRATCH/autotune, so a rerun
-# starts faster; later runs of a call compile faster anyway (on an H200 the encoder and
-# tokenizer steps at batch 256 took 176 and 129 s to compile and time, then the same steps
-# with the bf16 stream 75 and 50 s; the joint phase's two steps took over 140 s). A run
+# $SCRATCH/jax_cache (unless JAX_COMPILATION_CACHE_DIR names another directory), and JAX
+# keeps XLA's autotuning results there too, so a rerun starts faster and later runs of a
+# call compile faster (on an H200 the encoder and tokenizer steps at batch 256 took 176
+# and 129 s to compile and time, then the same steps with the bf16 stream 75 and 50 s;
+# the joint phase's two steps took over 140 s). A run
 # that fails is reported and the others still run; the exit status says whether any
 # failed. Set BENCHMARKS_FILE to write elsewhere than ./BENCHMARKS.md, CONFIG to time
 # another config than configs/audio.py (configs/audio.py:demo runs on a laptop), BATCHES
@@ -51,12 +52,6 @@ for name in TIME_LIMIT MIN_RUN_S; do
   fi
 done
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$SCRATCH/jax_cache}"
-# XLA times candidate Triton kernels while it compiles; kept in $SCRATCH/autotune, its
-# choices serve later runs (the audio steps left it empty on jax 0.11.2). Unless XLA_FLAGS
-# names a directory already.
-if [[ " ${XLA_FLAGS:-} " != *" --xla_gpu_per_fusion_autotune_cache_dir="* ]]; then
-  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_per_fusion_autotune_cache_dir=$SCRATCH/autotune"
-fi
 # Each run owns the accelerator: let XLA take 92 % of its memory, not the default 75 %
 # (on an 80 GB H100 that decides whether the joint phase fits at batch 256).
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
@@ -95,7 +90,7 @@ sweep() {
 
 # The same with matmuls as cuBLAS calls, into which XLA folds bias adds and the tanh GELU.
 sweep_cublas() {
-  XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" sweep "$@"
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false" sweep "$@"
 }
 
 run() {
@@ -113,7 +108,7 @@ run() {
     encoder_fast | tokenizer_fast)
       sweep_cublas "$phase" --config.model.gelu=tanh --config.model.residual_stream_dtype=compute ;;
     encoder_merging | tokenizer_merging)
-      XLA_FLAGS="$XLA_FLAGS --xla_gpu_dot_merger_threshold_mb=32" sweep "$phase" ;;
+      XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_dot_merger_threshold_mb=32" sweep "$phase" ;;
     attention) py -m bridle_jax.benchmark_attention --config="$CONFIG" --batch=128 ;;
     profile)
       for phase in encoder tokenizer; do
