@@ -20,16 +20,16 @@ from bridle_jax import config_validation
 _set_here: str | None = None  # the directory `enable` last gave JAX
 
 
-def enable(directory: str) -> str | None:
+def enable(directory: str) -> None:
   """Makes JAX cache compiled programs in `directory` ('' turns the cache off unless the
-  process names one). Returns the directory in use, None for none."""
+  process names one)."""
   current = jax.config.jax_compilation_cache_dir
   if current and current != _set_here:
-    return current
+    return
   if not directory:
     if current:
       _switch(None)
-    return None
+    return
   directory = os.path.abspath(directory)
   try:
     os.makedirs(directory, exist_ok=True)
@@ -38,7 +38,6 @@ def enable(directory: str) -> str | None:
         f"compile_cache_dir: cannot create {directory}: {e.strerror or e}") from e
   if directory != current:
     _switch(directory)
-  return directory
 
 
 def _switch(directory: str | None) -> None:

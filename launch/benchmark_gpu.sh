@@ -29,9 +29,8 @@
 # keeps XLA's autotuning results there too, so a rerun starts faster and later runs of a
 # call compile faster (on an H200 the encoder and tokenizer steps at batch 256 took 176
 # and 129 s to compile and time, then the same steps with the bf16 stream 75 and 50 s;
-# the joint phase's two steps took over 140 s). A run
-# that fails is reported and the others still run; the exit status says whether any
-# failed. Set BENCHMARKS_FILE to write elsewhere than ./BENCHMARKS.md, CONFIG to time
+# the joint phase's two steps took over 140 s). A run that fails is reported and the
+# others still run; the exit status says whether any failed. Set BENCHMARKS_FILE to write elsewhere than ./BENCHMARKS.md, CONFIG to time
 # another config than configs/audio.py (configs/audio.py:demo runs on a laptop), BATCHES
 # to sweep other batch sizes than 128,256 (e.g. BATCHES=256 halves the compiling),
 # PYTHON to use another interpreter than python3, and TIME_LIMIT to bound the whole
@@ -88,10 +87,15 @@ sweep() {
   bench --phase="$phase" --batch="$BATCHES" "$@"
 }
 
-# The same with matmuls as cuBLAS calls, into which XLA folds bias adds and the tanh GELU.
-sweep_cublas() {
-  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false" sweep "$@"
+# sweep_with XLA_FLAG PHASE [FLAG...]: the same with one more XLA flag.
+sweep_with() {
+  local xla_flag=$1
+  shift
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$xla_flag" sweep "$@"
 }
+
+# Matmuls as cuBLAS calls, into which XLA folds bias adds and the tanh GELU.
+CUBLAS=--xla_gpu_enable_triton_gemm=false
 
 run() {
   local phase="${1%%_*}"
@@ -103,12 +107,13 @@ run() {
     encoder_bf16_residual | tokenizer_bf16_residual)
       sweep "$phase" --config.model.residual_stream_dtype=compute ;;
     encoder_remat_dots | tokenizer_remat_dots) sweep "$phase" --config.model.remat=dots ;;
-    encoder_cublas | tokenizer_cublas) sweep_cublas "$phase" ;;
-    encoder_gelu_tanh | tokenizer_gelu_tanh) sweep_cublas "$phase" --config.model.gelu=tanh ;;
-    encoder_fast | tokenizer_fast)
-      sweep_cublas "$phase" --config.model.gelu=tanh --config.model.residual_stream_dtype=compute ;;
+    encoder_cublas | tokenizer_cublas) sweep_with "$CUBLAS" "$phase" ;;
+    encoder_gelu_tanh | tokenizer_gelu_tanh)
+      sweep_with "$CUBLAS" "$phase" --config.model.gelu=tanh ;;
+    encoder_fast | tokenizer_fast) sweep_with "$CUBLAS" "$phase" --config.model.gelu=tanh \
+        --config.model.residual_stream_dtype=compute ;;
     encoder_merging | tokenizer_merging)
-      XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_dot_merger_threshold_mb=32" sweep "$phase" ;;
+      sweep_with --xla_gpu_dot_merger_threshold_mb=32 "$phase" ;;
     attention) py -m bridle_jax.benchmark_attention --config="$CONFIG" --batch=128 ;;
     profile)
       for phase in encoder tokenizer; do

@@ -140,9 +140,8 @@ def gelu_tanh(x):
   Built for a GPU it is written in x's dtype, the form XLA:GPU folds with the preceding
   matmul's bias add into that matmul as a cuBLAS epilogue (computed in float32 there) where
   matmuls are cuBLAS calls, so the GELU takes no pass of its own; elsewhere it is computed
-  in float32. It differs from
-  the exact GELU by less than 5e-4. The backward computes the slope in float32 from the
-  saved input.
+  in float32. It differs from the exact GELU by less than 5e-4. The backward computes the
+  slope in float32 from the saved input.
   """
   return _gelu_tanh_forward(x)[0]
 
