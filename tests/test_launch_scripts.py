@@ -1,6 +1,5 @@
 """The launch/ scripts parse, and the GPU benchmark script checks its imports first."""
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -55,26 +54,49 @@ def test_benchmark_gpu_stops_a_run_at_the_time_limit_and_skips_the_rest(tmp_path
   bad = _benchmark_gpu(str(python), "encoder", TIME_LIMIT="9 min")
   assert bad.returncode == 2 and "TIME_LIMIT must be a whole number of seconds" in bad.stderr
 
+
+def _recording_python(tmp_path):
+  """An interpreter stub that appends "$XLA_FLAGS | <its arguments>" to the returned file."""
+  calls = tmp_path / "calls"
+  python = tmp_path / "python"
+  python.write_text(f'#!/bin/sh\necho "$XLA_FLAGS | $*" >> {calls}\n')
+  python.chmod(0o755)
+  return python, calls
+
+
+def _module_calls(calls, module):
+  """The recorded arguments of each `python -m <module>` call."""
+  return [line.split(f"-m {module} ", 1)[1] for line in calls.read_text().splitlines()
+          if f"-m {module} " in line]
+
+
 def test_benchmark_gpu_profiles_both_phases_at_the_last_batch_size(tmp_path):
-  result = _benchmark_gpu(sys.executable, "profile", CONFIG="configs/audio.py:demo",
+  """`profile` traces each phase at the sweep's last batch size, into its own directory
+  (the traced run itself: tests/test_profile_step.py)."""
+  python, calls = _recording_python(tmp_path)
+  result = _benchmark_gpu(str(python), "profile", CONFIG="configs/audio.py:demo",
                           SCRATCH=str(tmp_path), BATCHES="16,8")
-  assert result.returncode == 0, result.stderr[-2000:]
-  for phase in ("encoder", "tokenizer"):
-    summary = json.loads((tmp_path / "profile" / phase / "profile_summary.json").read_text())
-    assert (summary["phase"], summary["batch"]) == (phase, 8)
-  assert result.stdout.count("wall time per step") == 2
+  assert result.returncode == 0, result.stderr
+  assert _module_calls(calls, "bridle_jax.profile_step") == [
+      f"--config=configs/audio.py:demo --phase={phase} --batch=8 "
+      f"--out_dir={tmp_path}/profile/{phase}" for phase in ("encoder", "tokenizer")]
 
 
-def test_benchmark_gpu_times_the_xla_window_attention_at_the_batches_asked(tmp_path):
-  """The sharded encoder step with XLA's window attention (batch split over the 8
-  emulated devices) runs and writes its row."""
+@pytest.mark.parametrize("run, flags", [
+    ("encoder_xla_window", "--config.model.decoder.attention_impl=xla"),
+    ("encoder_reuse", "--config.encoder_phase.reuse_codes=True --config.data.roll_mag_aug=False"),
+])
+def test_benchmark_gpu_times_the_encoder_only_runs_at_the_batches_asked(tmp_path, run, flags):
+  """The encoder-only runs sweep the encoder phase with their setting and write their rows
+  to BENCHMARKS_FILE (the benchmark command itself: tests/test_benchmark.py)."""
+  python, calls = _recording_python(tmp_path)
   rows = tmp_path / "BENCHMARKS.md"
-  result = _benchmark_gpu(sys.executable, "encoder_xla_window",
-                          CONFIG="configs/audio.py:demo", BATCHES="8",
-                          BENCHMARKS_FILE=str(rows), SCRATCH=str(tmp_path))
-  assert result.returncode == 0, result.stderr[-2000:]
-  written = [line for line in rows.read_text().splitlines() if "attention_impl=xla" in line]
-  assert len(written) == 1 and "| encoder | 8 |" in written[0]
+  result = _benchmark_gpu(str(python), run, CONFIG="configs/audio.py:demo", BATCHES="8,16",
+                          BENCHMARKS_FILE=str(rows))
+  assert result.returncode == 0, result.stderr
+  assert _module_calls(calls, "bridle_jax.benchmark") == [
+      f"--config=configs/audio.py:demo --write --benchmarks_file={rows} --phase=encoder "
+      f"--batch=8,16 {flags}"]
 
 
 CUBLAS = "--xla_gpu_enable_triton_gemm=false"
@@ -92,10 +114,7 @@ MERGING = "--xla_gpu_dot_merger_threshold_mb=32"
 def test_benchmark_gpu_times_each_phase_with_a_speed_setting(tmp_path, setting, flag, xla_flag):
   """The runs named <phase>_<setting> call the benchmark on their phase with the setting
   (an interpreter stub records the calls and their XLA_FLAGS)."""
-  calls = tmp_path / "calls"
-  python = tmp_path / "python"
-  python.write_text(f'#!/bin/sh\necho "$XLA_FLAGS | $*" >> {calls}\n')
-  python.chmod(0o755)
+  python, calls = _recording_python(tmp_path)
   result = _benchmark_gpu(str(python), f"encoder_{setting}", f"tokenizer_{setting}",
                           BATCHES="64,128")
   assert result.returncode == 0, result.stderr

@@ -14,7 +14,7 @@ from bridle_jax.data import demo
 import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 40
+STEPS = 20
 
 
 @pytest.fixture(scope="module")
