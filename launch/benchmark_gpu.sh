@@ -30,12 +30,13 @@
 # call compile faster (on an H200 the encoder and tokenizer steps at batch 256 took 176
 # and 129 s to compile and time, then the same steps with the bf16 stream 75 and 50 s;
 # the joint phase's two steps took over 140 s). A run that fails is reported and the
-# others still run; the exit status says whether any failed. Set BENCHMARKS_FILE to write elsewhere than ./BENCHMARKS.md, CONFIG to time
-# another config than configs/audio.py (configs/audio.py:demo runs on a laptop), BATCHES
-# to sweep other batch sizes than 128,256 (e.g. BATCHES=256 halves the compiling),
-# PYTHON to use another interpreter than python3, and TIME_LIMIT to bound the whole
-# script in seconds (for a job with a deadline): each run may take the time left, and a
-# run that would start with less than MIN_RUN_S (default 90) left is skipped and named.
+# others still run; the exit status says whether any failed. Set BENCHMARKS_FILE to write
+# elsewhere than ./BENCHMARKS.md, CONFIG to time another config than configs/audio.py
+# (configs/audio.py:demo runs on a laptop), BATCHES to sweep other batch sizes than
+# 128,256 (e.g. BATCHES=256 halves the compiling), PYTHON to use another interpreter than
+# python3, and TIME_LIMIT to bound the whole script in seconds (for a job with a
+# deadline): each run may take the time left, and a run that would start with less than
+# MIN_RUN_S (default 90) left is skipped and named.
 set -uo pipefail
 PYTHON="${PYTHON:-python3}"
 CONFIG="${CONFIG:-configs/audio.py}"

@@ -55,11 +55,12 @@ def test_benchmark_gpu_stops_a_run_at_the_time_limit_and_skips_the_rest(tmp_path
   assert bad.returncode == 2 and "TIME_LIMIT must be a whole number of seconds" in bad.stderr
 
 
-def _recording_python(tmp_path):
-  """An interpreter stub that appends "$XLA_FLAGS | <its arguments>" to the returned file."""
+def _recording_python(tmp_path, record='$XLA_FLAGS | $*'):
+  """An interpreter stub that appends `record` (shell-expanded at each call: by default
+  "$XLA_FLAGS | <its arguments>") to the returned file."""
   calls = tmp_path / "calls"
   python = tmp_path / "python"
-  python.write_text(f'#!/bin/sh\necho "$XLA_FLAGS | $*" >> {calls}\n')
+  python.write_text(f'#!/bin/sh\necho "{record}" >> {calls}\n')
   python.chmod(0o755)
   return python, calls
 
@@ -133,10 +134,7 @@ def test_benchmark_gpu_keeps_compiled_programs_for_later_runs(tmp_path, own_cach
   """Every run sees the compilation cache under SCRATCH (where JAX also keeps XLA's
   autotuning results), or the caller's own directory; the caller's XLA flags pass as
   given."""
-  calls = tmp_path / "calls"
-  python = tmp_path / "python"
-  python.write_text(f'#!/bin/sh\necho "$JAX_COMPILATION_CACHE_DIR | $XLA_FLAGS" >> {calls}\n')
-  python.chmod(0o755)
+  python, calls = _recording_python(tmp_path, "$JAX_COMPILATION_CACHE_DIR | $XLA_FLAGS")
   result = _benchmark_gpu(str(python), "encoder", "tokenizer", SCRATCH=str(tmp_path),
                           JAX_COMPILATION_CACHE_DIR=own_cache,
                           XLA_FLAGS="--xla_gpu_triton_gemm_any=true")

@@ -13,8 +13,9 @@ import jax
 # default threshold; below about 40 samples per device for ViT-B's 513 tokens): the ViTs'
 # q, k and v projections then become one matmul whose slices are copied before cuDNN.
 # Compiled for an H100 at 32 samples, that merging added 8.2 GB (10 %) to the bytes a
-# tokenizer step moves and 3.8 GB (6 %) to an encoder step's.
-NO_MATMUL_MERGING = "xla_gpu_dot_merger_threshold_mb"
+# tokenizer step moves and 3.8 GB (6 %) to an encoder step's. The steps set this
+# threshold (XLA's option name) to 0.
+MATMUL_MERGER_THRESHOLD = "xla_gpu_dot_merger_threshold_mb"
 
 _target: str | None = None
 
@@ -40,6 +41,6 @@ def compiling_for(platform: str):
 def compiler_options() -> dict:
   """XLA options for the steps compiled for `backend()`: on a GPU no merging of matmuls,
   unless XLA_FLAGS sets that threshold itself."""
-  if backend() != "gpu" or NO_MATMUL_MERGING in os.environ.get("XLA_FLAGS", ""):
+  if backend() != "gpu" or MATMUL_MERGER_THRESHOLD in os.environ.get("XLA_FLAGS", ""):
     return {}
-  return {NO_MATMUL_MERGING: 0}
+  return {MATMUL_MERGER_THRESHOLD: 0}
