@@ -5,6 +5,7 @@ and Appendix B (fine-tuning ViT, 152 keys) for audio ViT-B. Parity runs the demo
 (a random initialisation, and a "trained" one: perturbed params, k-means + EMA codebooks)
 in float32 on both sides.
 """
+import argparse
 import ast
 import importlib
 import json
@@ -309,6 +310,50 @@ def test_finetune_export_parity_and_head_init(demo, inputs, trained_workdir, exp
   logits = features @ head.T.astype(np.float64)
   assert _rel_err(features, theirs_features) <= REL_TOL
   assert _rel_err(logits, theirs_logits) <= REL_TOL
+
+
+def test_the_pretraining_export_is_what_the_official_finetune_flag_loads(demo, exported):
+  """Official main_finetune.py --finetune (official_impl.md §6.2): keep the keys holding
+  "encoder_decoder", strip that prefix once, load with strict=False. Every backbone tensor
+  must arrive; only the new fc_norm and head may stay missing."""
+  torch, torch_reference = _torch_reference()
+  config, _ = demo
+  checkpoint = _torch_state(torch, exported["pth"])
+  kept = {k.replace("encoder_decoder.", "", 1): v for k, v in checkpoint.items()
+          if "encoder_decoder" in k}
+  model = torch_reference.finetune_model(config)
+  result = model.load_state_dict(kept, strict=False)
+  assert sorted(result.missing_keys) == ["fc_norm.bias", "fc_norm.weight", "head.bias",
+                                         "head.weight"]
+  finetune_state = _torch_state(torch, exported["finetune_pth"])
+  loaded = model.state_dict()
+  for key, value in finetune_state.items():
+    if not key.startswith(("fc_norm.", "head.")):
+      np.testing.assert_array_equal(loaded[key].numpy(), value.numpy(), err_msg=key)
+
+
+def test_from_torch_reads_a_checkpoint_saved_by_the_official_launchers(demo, exported,
+                                                                       tmp_path):
+  """The official scripts save {'model', 'optimizer', 'epoch', 'scaler', 'args'}; under
+  submitit 'args' holds pathlib paths. Anything else is refused with the file named."""
+  torch, _ = _torch_reference()
+  config, _ = demo
+  state = _torch_state(torch, exported["pth"])
+  args = argparse.Namespace(output_dir=pathlib.PosixPath("/runs/pt"), model="vit_b",
+                            log_dir=pathlib.PosixPath("/runs/pt"), input_size=(1024, 128))
+  official = tmp_path / "checkpoint-140.pth"
+  torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 140,
+              "scaler": {"scale": 65536.0}, "args": args}, official)
+  read = from_torch.read_state_dict(str(official))
+  assert list(read) == list(state)
+  _assert_trees_equal(from_torch.from_state_dict(read, config),
+                      from_torch.from_state_dict(from_torch.read_state_dict(exported["pth"]),
+                                                 config))
+
+  unsafe = tmp_path / "pickled_object.pth"
+  torch.save({"model": state, "args": subprocess.CompletedProcess([], 0)}, unsafe)
+  with pytest.raises(ValueError, match=r"pickled_object\.pth: a weights-only load refuses it"):
+    from_torch.read_state_dict(str(unsafe))
 
 
 @pytest.mark.parametrize("which", ["random_init", "trained"])

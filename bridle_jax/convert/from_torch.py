@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 import os
 import pathlib
+import pickle
 
 import flax.linen as nn
 import jax
@@ -49,6 +50,8 @@ from bridle_jax.train import state as state_lib
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "audio.py"
 PHASE_KINDS = ("encoder", "tokenizer", "joint")
 _POS_ATOL = 1e-5
+_ARGS_TYPES = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath,
+               pathlib.PurePosixPath, pathlib.PureWindowsPath]
 
 
 def default_config():
@@ -67,9 +70,16 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     safetensors_numpy = convert.import_optional("safetensors.numpy")
     return {k: np.asarray(v, np.float32) for k, v in safetensors_numpy.load_file(path).items()}
   torch = convert.import_optional("torch")
-  # Official checkpoints carry their argparse.Namespace as 'args'.
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+  # Official checkpoints carry their argparse.Namespace as 'args'; under the official
+  # submitit launchers it holds pathlib paths (output_dir, log_dir).
+  with torch.serialization.safe_globals(_ARGS_TYPES):
+    try:
+      loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+      reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line),
+                    str(e).strip().splitlines()[0])
+      raise ValueError(f"{path}: a weights-only load refuses it ({reason}); only tensors "
+                       "and the official 'args' are read") from e
   state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
   if not isinstance(state, dict):
     raise ValueError(f"{path}: expected a state dict or {{'model': state dict}}")

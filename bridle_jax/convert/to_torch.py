@@ -12,8 +12,10 @@ writes (float32 tensors, key names, shapes and order of official_impl.md Appendi
                                renames it
   bridle_finetune.safetensors  the same tensors
 
-The pretraining file loads into the official code with strict=True (`--resume`) and through
-`--prev_phase`; the fine-tuning file loads into `model/vit.py` with strict=True. Beyond our
+The pretraining file loads into the official code with strict=True (`--resume`), through
+`--prev_phase`, and is the file for the official fine-tuning's `--finetune` (which keeps the
+`encoder_decoder.*` keys and strips that prefix); the fine-tuning file loads into
+`model/vit.py` with strict=True. Beyond our
 parameters it holds: the frozen sin-cos tables (`pos_embed`, `decoder_pos_embed`,
 `estimator_pos_embed`, from `model.pos_grid`); per codebook a (K + 1)-row `weight` whose
 padding row K is zero, `cluster_size_ema` = our cluster sizes, `embed_ema` = the code rows
