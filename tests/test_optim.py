@@ -29,13 +29,14 @@ def test_warmup_cosine_matches_the_reference_formula():
   assert float(schedule(110)) == pytest.approx(1e-5)
 
 
-def test_decay_mask_skips_biases_and_vectors_but_decays_tokens():
+def test_decay_mask_skips_biases_vectors_and_the_cold_start_projection_but_decays_tokens():
   params = {"cls_token": jnp.zeros((1, 1, 8)), "norm": {"scale": jnp.zeros(8), "bias": jnp.zeros(8)},
             "attn": {"qkv": {"kernel": jnp.zeros((8, 3, 2, 4)), "bias": jnp.zeros((3, 2, 4))}},
-            "tau": jnp.zeros(2)}
+            "tau": jnp.zeros(2), "cold_start_encoder": {"kernel": jnp.zeros((8, 4))}}
   mask = optim.decay_mask(params)
   assert mask == {"cls_token": True, "norm": {"scale": False, "bias": False},
-                  "attn": {"qkv": {"kernel": True, "bias": False}}, "tau": False}
+                  "attn": {"qkv": {"kernel": True, "bias": False}}, "tau": False,
+                  "cold_start_encoder": {"kernel": False}}
 
 
 def _linear_problem():

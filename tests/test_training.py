@@ -88,10 +88,14 @@ def test_losses_fall_and_frozen_parts_stay_frozen(corpus, tmp_path):
                       _host((run.state.params["encoder"], run.state.params["decoder"])))
   _assert_trees_differ(tokenizer_before,
                        _host((run.state.params["tokenizer"], run.state.codebooks.codebooks)))
+  # No gradient reaches the cold-start projection, so (as in PyTorch's AdamW) no decay either.
+  cold_start = _host(tokenizer_before[0]["cold_start_encoder"])
+  _assert_trees_equal(cold_start, _host(run.state.params["tokenizer"]["cold_start_encoder"]))
 
   run = trainer.setup_phase(joint, _host_handoff(run))
   losses = _train(trainer, run, 30)
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
+  _assert_trees_equal(cold_start, _host(run.state.params["tokenizer"]["cold_start_encoder"]))
 
 
 def _host_handoff(run):

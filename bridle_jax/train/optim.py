@@ -26,11 +26,13 @@ def warmup_cosine(base_lr: float, min_lr: float, warmup_steps: int, total_steps:
 def decay_mask(params):
   """True where weight decay applies: not biases and not 1-D tensors (timm's grouping).
 
-  cls_token and mask_token are decayed, as in the reference's pretraining.
+  cls_token and mask_token are decayed, as in the reference's pretraining. The tokenizer's
+  `cold_start_encoder` is not: it is a frozen random projection that never gets a gradient,
+  and PyTorch's AdamW leaves a parameter without a gradient untouched.
   """
   def decays(path, leaf):
-    name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-    return not (name == "bias" or leaf.ndim <= 1)
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return not (names[-1] == "bias" or leaf.ndim <= 1 or "cold_start_encoder" in names)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
