@@ -95,3 +95,17 @@ def test_small_estimator_runs_in_bfloat16():
   assert out.shape == (2, 8, 24) and out.dtype == jnp.float32
   # Identical codes everywhere: only the positional embedding tells tokens apart.
   assert np.abs(np.asarray(out[0, 0]) - np.asarray(out[0, 1])).max() > 1e-3
+
+
+@pytest.mark.parametrize('cold_start', [True, False])
+def test_bfloat16_tokenizer_hands_the_quantizer_unrounded_float32_z(cold_start):
+  """Under bf16 compute the last matmul's float32 accumulator is z: rounding it to bf16
+  first would move the quantizer's nearest-code choices."""
+  tokenizer = Tokenizer(grid=(4, 2), width=32, depth=1, num_heads=2, patch_size=4, code_dim=8,
+                        dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 8))
+  params = nn.unbox(jax.jit(tokenizer.init)(jax.random.key(0), x))['params']
+  z = jax.jit(lambda p: tokenizer.apply({'params': p}, x, cold_start))(params)
+  assert z.dtype == jnp.float32
+  rounded = np.asarray(z.astype(jnp.bfloat16).astype(jnp.float32))
+  assert np.mean(np.asarray(z) != rounded) > 0.5

@@ -27,7 +27,8 @@ class QuantizeHead(nn.Module):
   def __call__(self, x):
     x = dense(x.shape[-1], ('embed', 'mlp'), self.dtype, self.param_dtype, 'fc1')(x)
     x = jnp.tanh(x)
-    return dense(self.code_dim, ('mlp', 'code'), self.dtype, self.param_dtype, 'fc2')(x)
+    return dense(self.code_dim, ('mlp', 'code'), self.dtype, self.param_dtype, 'fc2',
+                 float32_output=True)(x)
 
 
 class Tokenizer(ViTBackbone):
@@ -35,14 +36,15 @@ class Tokenizer(ViTBackbone):
 
   cold_start=True: bias-free Linear on patch tokens + pos (no CLS, no blocks).
   cold_start=False: full ViT with CLS, drop CLS, `quantize_layer`.
-  `init` creates the parameters of both paths whichever is requested.
+  `init` creates the parameters of both paths whichever is requested. The last matmul of
+  either path keeps its float32 accumulator, so the float32 quantizer sees z unrounded.
   """
   code_dim: int = 256
 
   def setup(self):
     super().setup()
     self.cold_start_encoder = dense(self.code_dim, ('embed', 'code'), self.dtype,
-                                    self.param_dtype, use_bias=False)
+                                    self.param_dtype, use_bias=False, float32_output=True)
     self.quantize_layer = QuantizeHead(self.code_dim, self.dtype, self.param_dtype)
 
   def __call__(self, x, cold_start: bool = False):
@@ -54,7 +56,7 @@ class Tokenizer(ViTBackbone):
       z = self.cold_start_encoder(tokens)
     else:
       z = self.quantize_layer(self.transform(tokens)[:, 1:])
-    return z.astype(jnp.float32)
+    return z
 
 
 class Estimator(nn.Module):
