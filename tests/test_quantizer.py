@@ -40,9 +40,10 @@ def np_select(u, book, soft, farthest):
   return order[:soft]
 
 
-def np_quantize(books, z, soft=1, farthest=False, normalize_input=False):
-  """Returns (z_q, codes, losses, counts, sums, residuals after each stage)."""
-  books = np.asarray(books, np.float64)
+def np_quantize(books, z, soft=1, farthest=False, normalize_input=False, training=False):
+  """Returns (z_q, codes, losses, counts, sums, residuals after each stage). `training`:
+  each stage looks its rows up after its EMA step (the reference's 'rq' training mode)."""
+  books = np.array(books, np.float64)
   num_stages, size, dim = books.shape
   x = np.asarray(z, np.float64).reshape(-1, dim)
   if normalize_input:
@@ -59,9 +60,13 @@ def np_quantize(books, z, soft=1, farthest=False, normalize_input=False):
       chosen = np_select(u, books[s], soft, farthest)
       stage_codes[i] = chosen
       for k in chosen:
-        e[i] += books[s, k]
         counts[s, k] += 1
         sums[s, k] += u
+    if training:
+      books[s] = np_ema(books[s:s + 1], 0.0, counts[s:s + 1], sums[s:s + 1], False)[0][0]
+    for i in range(len(x)):
+      for k in stage_codes[i]:
+        e[i] += books[s, k]
     losses.append((1.0 + BETA) * np.mean((residual - e) ** 2))
     residual = residual - e
     total += e
@@ -107,16 +112,18 @@ def np_kmeans_init(z, indices, iters, size):
   return np.stack(books), np.stack(sizes)
 
 
-def np_restart(books, counts, z, indices):
+def np_restart(books, z, indices):
+  """Reference order per stage: assign, restart the codes nobody chose, subtract the rows
+  of the codes assigned before the restart; the next stage works on what is left."""
   residual = np.asarray(z, np.float64).reshape(-1, z.shape[-1])
   out = np.array(books, np.float64)
   for s in range(len(out)):
     u = np.stack([np_normalize(row) for row in residual])
+    assigned = [np_select(row, out[s], 1, False)[0] for row in u]
     for k in range(out.shape[1]):
-      if counts[s, k] == 0:
+      if k not in assigned:
         out[s, k] = u[indices[s, k]]
-    for i in range(len(residual)):
-      residual[i] = residual[i] - out[s, np_select(u[i], out[s], 1, False)[0]]
+    residual = residual - out[s, assigned]
   return out
 
 
@@ -186,6 +193,30 @@ def test_quantize_matches_numpy():
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   np.testing.assert_array_equal(stats.counts, ref_counts)
   np.testing.assert_allclose(stats.sums, ref_sums, atol=1e-5)
+
+
+def test_training_lookup_uses_each_stages_rows_after_its_ema_step():
+  spec = _spec()
+  state = _state(spec)
+  z = _normal(2, (4, 12, 6))
+  z_q, codes, losses, stats = qz.quantize(spec, state, jnp.asarray(z), training=True)
+  ref_q, ref_codes, ref_losses, ref_counts, ref_sums, _ = np_quantize(state.codebooks, z,
+                                                                       training=True)
+  np.testing.assert_array_equal(np.asarray(codes).reshape(-1, 3), ref_codes)
+  np.testing.assert_allclose(np.asarray(z_q).reshape(-1, 6), ref_q, atol=1e-5)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  np.testing.assert_array_equal(stats.counts, ref_counts)
+  np.testing.assert_allclose(stats.sums, ref_sums, atol=1e-5)
+  # The rows looked up are those `ema_update` then stores; before it they were not.
+  eval_q = qz.quantize(spec, state, jnp.asarray(z))[0]
+  assert np.abs(np.asarray(eval_q) - np.asarray(z_q)).max() > 1e-4
+  # The EMA'd rows are constants: the gradient is that of the same lookup from a state
+  # that already holds them (these codes do not change under the step).
+  updated = qz.ema_update(spec, state, stats)
+  np.testing.assert_array_equal(qz.quantize(spec, updated, jnp.asarray(z))[1], codes)
+  loss_of = lambda z, state, training: qz.quantize(spec, state, z, training=training)[2].sum()
+  np.testing.assert_allclose(jax.grad(loss_of)(jnp.asarray(z), state, True),
+                             jax.grad(loss_of)(jnp.asarray(z), updated, False), atol=1e-7)
 
 
 @pytest.mark.parametrize("farthest", [False, True])
@@ -272,9 +303,11 @@ def test_restart_matches_numpy():
   _, _, _, stats = qz.quantize(spec, state, jnp.asarray(z))
   assert int((stats.counts == 0).sum()) > 0
   indices = qz.sample_row_indices(spec, 12, jax.random.PRNGKey(4), distinct=False)
-  restarted = qz.restart_unused_with_indices(spec, state, stats, jnp.asarray(z), indices)
-  ref = np_restart(state.codebooks, np.asarray(stats.counts), z, np.asarray(indices))
+  restarted = qz.restart_unused_with_indices(spec, state, jnp.asarray(z), indices)
+  ref = np_restart(state.codebooks, z, np.asarray(indices))
   np.testing.assert_allclose(restarted.codebooks, ref, atol=1e-6)
+  # Positions keep the (live) codes they chose, so every stage sees the residuals of a
+  # plain quantize, and its live codes stay put.
   live = np.asarray(stats.counts) > 0
   np.testing.assert_array_equal(np.asarray(restarted.codebooks)[live],
                                 np.asarray(state.codebooks)[live])

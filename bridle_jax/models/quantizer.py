@@ -3,7 +3,7 @@
 The codebooks and their EMA bookkeeping live in a `CodebookState` pytree that the train
 step passes in and gets back; nothing is mutated in place. One training step is
 
-    z_q, codes, losses, stats = quantize(spec, state, z)
+    z_q, codes, losses, stats = quantize(spec, state, z, training=True)
     state = ema_update(spec, state, stats)
 
 with `kmeans_init` run on the first batch (while `state.initted` is False) and
@@ -125,12 +125,15 @@ def init(spec: QuantizerSpec, rng: jax.Array) -> CodebookState:
       initted=jnp.full((spec.num_codebooks,), not spec.kmeans_init))
 
 
-def quantize(spec: QuantizerSpec, state: CodebookState, z: jax.Array):
+def quantize(spec: QuantizerSpec, state: CodebookState, z: jax.Array, *,
+             training: bool = False):
   """Quantizes z (..., D); returns (z_q, codes, losses, stats).
 
   Per stage s, on the residual r_s (r_0 = z; for 'vq' r_0 = l2normalize(z)):
     u = l2normalize(r_s); code = argmin_k |u - c_k|^2 over the raw rows c_k;
-    e_s = c_code (raw, not re-normalised);
+    e_s = c_code (raw, not re-normalised), where for 'rq' with `training` the rows c are
+      this stage's codebook after the EMA step of this batch's stats (the reference's
+      training-mode lookup; `ema_update` applies the same step to the state afterwards);
     losses[s] = mean((sg r_s - e_s)^2) + commitment_weight * mean((r_s - sg e_s)^2);
     r_{s+1} = r_s - e_s.
   z_q = r_0 + sg(sum_s e_s - r_0) in z's dtype, so for 'rq' d z_q / d z is the identity.
@@ -142,9 +145,9 @@ def quantize(spec: QuantizerSpec, state: CodebookState, z: jax.Array):
   code counts once in the stats. `soft_code_farthest` reproduces the reference bug
   (`topk` of the distances, i.e. the k farthest codes, farthest first).
 
-  Difference from the reference: in training mode it looks e_s up after that step's EMA
-  update. Here codes, losses and stats use the current codebooks and `ema_update`
-  applies the stats afterwards; codes are identical, e_s differs by one EMA step.
+  The 'vq' quantizer looks its rows up before the EMA step, as the reference's does. With
+  gradient accumulation each micro-batch looks up through its own stats' EMA step, while
+  the state takes one step with the summed stats.
 
   Returns:
     z_q: z's shape and dtype. codes: int32 (..., S * soft_code). losses: float32 (S,).
@@ -159,11 +162,15 @@ def quantize(spec: QuantizerSpec, state: CodebookState, z: jax.Array):
   quantized = jnp.zeros_like(x)
   codes, losses, counts, sums = [], [], [], []
   for stage in range(spec.num_codebooks):
-    u, idx, e = _assign(spec, codebooks[stage], residual)
+    u, idx = _assign(spec, codebooks[stage], residual)
+    stage_counts, stage_sums = _code_stats(u, idx, spec.codebook_size)
+    rows = codebooks[stage]
+    if training and spec.type == "rq":
+      rows = jax.lax.stop_gradient(_ema_rows(spec, rows, stage_counts, stage_sums))
+    e = _lookup(rows, idx)
     codebook_term = jnp.mean((jax.lax.stop_gradient(residual) - e) ** 2)
     commitment_term = jnp.mean((residual - jax.lax.stop_gradient(e)) ** 2)
     losses.append(codebook_term + spec.commitment_weight * commitment_term)
-    stage_counts, stage_sums = _code_stats(u, idx, spec.codebook_size)
     counts.append(stage_counts)
     sums.append(stage_sums)
     codes.append(idx)
@@ -196,17 +203,18 @@ def ema_update(spec: QuantizerSpec, state: CodebookState,
   m_k = l2normalize(s_k / max(n_k, 1)) where n_k > 0, else the current row c_k;
   c_k <- d * c_k + (1 - d) * m_k, re-normalised afterwards only for 'vq'.
   """
-  decay = spec.decay
   counts = stats.counts.astype(jnp.float32)
-  means = _l2normalize(stats.sums.astype(jnp.float32)
-                       / jnp.maximum(counts, 1.0)[..., None])
-  means = jnp.where(counts[..., None] > 0, means, state.codebooks)
-  codebooks = decay * state.codebooks + (1.0 - decay) * means
-  if spec.type == "vq":
-    codebooks = _l2normalize(codebooks)
   return state.replace(
-      codebooks=codebooks,
-      cluster_size=decay * state.cluster_size + (1.0 - decay) * counts)
+      codebooks=_ema_rows(spec, state.codebooks, counts, stats.sums.astype(jnp.float32)),
+      cluster_size=spec.decay * state.cluster_size + (1.0 - spec.decay) * counts)
+
+
+def _ema_rows(spec: QuantizerSpec, rows: jax.Array, counts: jax.Array, sums: jax.Array):
+  """Code rows (..., K, D) after one EMA step with counts (..., K) and sums (..., K, D)."""
+  means = _l2normalize(sums / jnp.maximum(counts, 1.0)[..., None])
+  means = jnp.where(counts[..., None] > 0, means, rows)
+  rows = spec.decay * rows + (1.0 - spec.decay) * means
+  return _l2normalize(rows) if spec.type == "vq" else rows
 
 
 def sample_row_indices(spec: QuantizerSpec, num_rows: int, rng: jax.Array, *,
@@ -247,8 +255,7 @@ def kmeans_init_with_indices(spec: QuantizerSpec, state: CodebookState, z: jax.A
   for stage in range(spec.num_codebooks):
     u = _l2normalize(residual)
     means, counts = _kmeans(u, u[indices[stage]], spec.kmeans_iters)
-    _, _, e = _assign(spec, means, residual)
-    residual = residual - e
+    residual = residual - _lookup(means, _assign(spec, means, residual)[1])
     codebooks.append(means)
     sizes.append(counts)
   return state.replace(
@@ -256,32 +263,31 @@ def kmeans_init_with_indices(spec: QuantizerSpec, state: CodebookState, z: jax.A
       initted=jnp.ones_like(state.initted, dtype=bool))
 
 
-def restart_unused(spec: QuantizerSpec, state: CodebookState, stats: CodebookStats,
-                   z: jax.Array, rng: jax.Array) -> CodebookState:
+def restart_unused(spec: QuantizerSpec, state: CodebookState, z: jax.Array,
+                   rng: jax.Array) -> CodebookState:
   """Dead-code restart from randomly drawn rows; see `restart_unused_with_indices`."""
   indices = sample_row_indices(spec, _num_rows(z), rng, distinct=False)
-  return restart_unused_with_indices(spec, state, stats, z, indices)
+  return restart_unused_with_indices(spec, state, z, indices)
 
 
-def restart_unused_with_indices(spec: QuantizerSpec, state: CodebookState,
-                                stats: CodebookStats, z: jax.Array,
+def restart_unused_with_indices(spec: QuantizerSpec, state: CodebookState, z: jax.Array,
                                 indices: jax.Array) -> CodebookState:
-  """Replaces every code with no assignment in `stats` by a vector of the batch z.
+  """Replaces every code that no position of the batch z chooses by a vector of z.
 
-  Stage s's dead code k becomes u_s[indices[s, k]], the normalised residual at that
-  stage (the reference's candidate rows). Stages run in order and stage s + 1 sees the
-  residuals left by the restarted codebook s, as in the reference's forward. `stats`
-  are the global counts of the same batch, so every device restarts the same codes
-  with the same rows.
+  Stages run in order, as in the reference's forward: stage s assigns codes to the
+  residual left by the stages before it, its codes chosen by no position are dead, dead
+  code k becomes u_s[indices[s, k]], the normalised residual at that stage (the
+  reference's candidate rows), and the next residual subtracts the rows of the codes
+  assigned before the restart (which it left alone). The counts are global sums over
+  the batch, so every device restarts the same codes with the same rows.
   """
   residual = _flat_input(spec, z)
   codebooks = []
   for stage in range(spec.num_codebooks):
-    u = _l2normalize(residual)
-    dead = stats.counts[stage] == 0
+    u, idx = _assign(spec, state.codebooks[stage], residual)
+    dead = _code_stats(u, idx, spec.codebook_size)[0] == 0
     codebook = jnp.where(dead[:, None], u[indices[stage]], state.codebooks[stage])
-    _, _, e = _assign(spec, codebook, residual)
-    residual = residual - e
+    residual = residual - _lookup(codebook, idx)  # idx holds live codes only
     codebooks.append(codebook)
   return state.replace(codebooks=jnp.stack(codebooks))
 
@@ -312,7 +318,7 @@ def _l2normalize(x: jax.Array) -> jax.Array:
 
 
 def _assign(spec: QuantizerSpec, codebook: jax.Array, residual: jax.Array):
-  """One stage's search: returns (u (N, D), codes (N, soft_code), summed rows (N, D))."""
+  """One stage's search: returns (u (N, D), codes (N, soft_code))."""
   u = _l2normalize(residual)
   distances = (jnp.sum(u * u, axis=-1, keepdims=True)
                + jnp.sum(codebook * codebook, axis=-1)
@@ -323,7 +329,12 @@ def _assign(spec: QuantizerSpec, codebook: jax.Array, residual: jax.Array):
     _, idx = jax.lax.top_k(distances, spec.soft_code)
   else:
     _, idx = jax.lax.top_k(-distances, spec.soft_code)
-  return u, idx, jnp.take(codebook, idx, axis=0).sum(axis=1)
+  return u, idx
+
+
+def _lookup(rows: jax.Array, idx: jax.Array) -> jax.Array:
+  """The sum of the chosen rows (N, D) for codes idx (N, k)."""
+  return jnp.take(rows, idx, axis=0).sum(axis=1)
 
 
 def _code_stats(u: jax.Array, idx: jax.Array, codebook_size: int):

@@ -40,7 +40,7 @@ def _teacher_features(models: Models, params, x):
 def _estimate(models: Models, params, codebooks, x):
   """Tokenizer -> quantizer -> estimator; returns (codes, z_q prediction, cb loss, stats)."""
   z = models.tokenizer.apply({"params": params["tokenizer"]}, x, cold_start=False)
-  z_q, codes, losses, stats = quantizer.quantize(models.quantizer, codebooks, z)
+  z_q, codes, losses, stats = quantizer.quantize(models.quantizer, codebooks, z, training=True)
   prediction = models.estimator.apply({"params": params["estimator"]}, z_q)
   return codes, prediction, losses.mean(), stats
 
@@ -174,8 +174,7 @@ def prepare_codebooks(state: TrainState, batch: dict, *, models: Models, cold_st
   if kmeans and spec.kmeans_init:
     codebooks = quantizer.kmeans_init(spec, codebooks, z, kmeans_rng)
   if spec.restart_unused and not cold_start:
-    _, _, _, stats = quantizer.quantize(spec, codebooks, z)
-    codebooks = quantizer.restart_unused(spec, codebooks, stats, z, restart_rng)
+    codebooks = quantizer.restart_unused(spec, codebooks, z, restart_rng)
   return state.replace(codebooks=codebooks, rng=rng)
 
 
