@@ -168,6 +168,25 @@ def test_a_resumed_phase_summarises_the_whole_phase(tmp_path):
   assert summary["mean_loss_last_10pct"] == pytest.approx(10.0)  # 1 of 10 losses
 
 
+def test_tensorboard_keeps_every_step_across_a_checkpoint_and_resume(tmp_path):
+  """Stopped at step 7 right after its checkpoint (log lines at 5 and 10): the event files
+  still show steps 6 and 7, and the resumed run's 8 to 12 once each."""
+  first = monitor_lib.PhaseMonitor(str(tmp_path), "encoder_r1", total_steps=12,
+                                   global_batch_size=2, log_every=5, usage_every=12)
+  for step in range(1, 8):
+    first.record(step, {"loss": jnp.float32(step)})
+  first.sync()  # before the step-7 checkpoint; then the process is preempted
+  resumed = monitor_lib.PhaseMonitor(str(tmp_path), "encoder_r1", total_steps=12,
+                                     global_batch_size=2, log_every=5, usage_every=12,
+                                     start_step=7)
+  for step in range(8, 13):
+    resumed.record(step, {"loss": jnp.float32(step)})
+  resumed.finish()
+  steps = [step for step, _ in _read_scalars(tmp_path / "tensorboard" / "encoder_r1")[
+      "encoder_r1/loss"]]
+  assert steps == list(range(1, 13))
+
+
 def test_a_fresh_phase_discards_an_old_history(tmp_path):
   _run_phase(tmp_path, 5)
   summary = _run_phase(tmp_path, 3)

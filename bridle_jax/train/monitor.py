@@ -172,10 +172,11 @@ class PhaseMonitor:
     }
 
   def sync(self) -> None:
-    """Fetches the buffered metrics and appends their losses to the history file.
+    """Fetches the buffered metrics, appends their losses to the history file and writes
+    their TensorBoard scalars.
 
-    The train loop calls it before saving a checkpoint, so the history holds every step
-    the checkpoint does.
+    The train loop calls it before saving a checkpoint, so the history and the event
+    file hold every step the checkpoint does (a resumed run hides the later ones).
     """
     new = self._pending[self._fetched:]
     if not new:
@@ -189,6 +190,11 @@ class PhaseMonitor:
       os.makedirs(os.path.dirname(self._history_path), exist_ok=True)
       with open(self._history_path, "a", encoding="utf-8") as f:
         f.writelines(_history_line(step, loss) for step, loss in losses)
+    if self._writer is not None:
+      for (step, _), metrics in zip(new, values):
+        for name, value in metrics.items():
+          self._writer.add_scalar(f"{self.phase_id}/{name}", float(value), step)
+      self._writer.flush()
 
   def _restore_history(self, start_step: int) -> list:
     """The history file's losses up to start_step, rewritten without the later lines.
@@ -214,7 +220,7 @@ class PhaseMonitor:
     return kept
 
   def _flush(self) -> None:
-    """Fetches the buffered metrics in one transfer, logs the interval, writes scalars."""
+    """Fetches and writes the buffered metrics (`sync`), then logs the interval."""
     self.sync()
     steps = [step for step, _ in self._pending]
     values = [metrics for _, metrics in self._pending]
@@ -225,12 +231,6 @@ class PhaseMonitor:
     self._interval_start_step, self._last_log_time = steps[-1], now
     if first_interval:
       self._first_log = (self._steps_recorded, now)
-
-    if self._writer is not None:
-      for step, metrics in zip(steps, values):
-        for name, value in metrics.items():
-          self._writer.add_scalar(f"{self.phase_id}/{name}", float(value), step)
-      self._writer.flush()
 
     names = sorted(set().union(*values),
                    key=lambda name: (name != "loss", name in _POINT_METRICS, name))
