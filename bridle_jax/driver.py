@@ -90,6 +90,7 @@ class Trainer:
     """Runs every unfinished phase; returns the summary written to summary.json."""
     if os.path.exists(os.path.join(self.workdir, workdir_lib.CONFIG_FILE)):
       workdir_lib.check_compatible(self.config, self.workdir)
+      workdir_lib.check_resumable(self.config, self.workdir)
     if self.config.init_from:
       workdir_lib.check_compatible(self.config, self.config.init_from, fields=("model",))
     workdir_lib.save_config(self.config, self.workdir)
@@ -136,12 +137,10 @@ class Trainer:
     phase_monitor = monitor.PhaseMonitor(
         self.workdir, phase.id, run.total, run.batch_size, config.log_every,
         config.usage_every, is_writer=jax.process_index() == 0, start_step=step)
-    skipped = 0
     window = StepWindow(STEPS_IN_FLIGHT)
     with run.checkpointer.commits_on_error():
       while step < run.total:
         host_batch = run.next_batch()
-        skipped += int(host_batch["skipped"].sum())
         batch = self.device_batch(host_batch)
         if run.code_reuse is not None:
           batch = run.code_reuse.attach(run.state, host_batch, batch)
@@ -174,6 +173,7 @@ class Trainer:
     final.close()
     summary = phase_monitor.finish()
     self.loss_histories[phase.id] = phase_monitor.loss_history
+    skipped = run.iterator.skipped_clips  # this host's, over the whole phase
     if jax.process_count() > 1:  # every host skips its own clips
       skipped = int(multihost_utils.process_allgather(np.int64(skipped)).sum())
     summary.update(skipped_clips=skipped, cold_start=run.cold_start, steps=run.total)

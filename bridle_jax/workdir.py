@@ -26,6 +26,10 @@ SHAPE_FIELDS = ("model", "data.target_length", "data.num_mel_bins")
 SPEED_DEFAULTS = {"model.attention_impl": "auto", "model.remat": "none",
                   "model.decoder.attention_impl": "auto",
                   "model.residual_stream_dtype": "float32", "model.gelu": "exact"}
+# Fields outside `model` that a resumed run may change although its started phases used
+# them: how the data is read and where it lies (a moved corpus), not what it holds.
+RESUME_FREE = ("data.num_workers", "data.prefetch", "data.manifest", "data.label_csv",
+               "data.demo_dir", "data.format")
 # Fields added after runs were saved without them, with the value that matches how those
 # runs behaved.
 ADDED_DEFAULTS = {"model.pos_table_frames": 0, "model.pos_crop": "reference"}
@@ -69,6 +73,38 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str,
         raise ValueError(f"{workdir} holds a run with a different config: {key} is "
                          f"{saved_value!r} there and {got.get(key)!r} now; use another "
                          f"--workdir (or --config.init_from to start from that run)")
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ValueError naming the first field a started phase of `workdir` (finished, or
+  with a checkpoint to resume) trained with and `config` changes.
+
+  Such a phase depends on the seed, `init_from`, `encoder_from_scratch`, the rounds up to
+  it, its `<kind>_phase` block (but `grad_accum`) and the data settings (but
+  `RESUME_FREE`); `check_compatible` covers the model. Phases not started yet, and the
+  mesh, logging and checkpoint cadence, may change.
+  """
+  saved = _flatten(json.loads(load_config(workdir).to_json_best_effort()))
+  current = _flatten(json.loads(config.to_json_best_effort()))
+  finished = checkpoint.read_progress(workdir).get("completed", [])
+  for index, kind in enumerate(saved["rounds"]):
+    phase_id = f"p{index + 1}_{kind}"
+    if phase_id not in finished and not has_phase_checkpoint(workdir, phase_id):
+      continue
+    if list(current["rounds"][:index + 1]) != list(saved["rounds"][:index + 1]):
+      _refuse_resume(workdir, phase_id, "rounds", saved["rounds"], current["rounds"])
+    for key in sorted(saved):
+      depends = (key in ("seed", "init_from", "encoder_from_scratch")
+                 or (key.startswith(f"{kind}_phase.") and key != f"{kind}_phase.grad_accum")
+                 or (key.startswith("data.") and key not in RESUME_FREE))
+      if depends and key in current and current[key] != saved[key]:
+        _refuse_resume(workdir, phase_id, key, saved[key], current[key])
+
+
+def _refuse_resume(workdir: str, phase_id: str, key: str, saved, current):
+  raise ValueError(f"{workdir}: {phase_id} started with {key} = {saved!r}, and {key} is "
+                   f"{current!r} now; resume with the settings it started with, or use "
+                   "another --workdir (--config.init_from starts from its finished phases)")
 
 
 def _lookup(tree: dict, field: str):

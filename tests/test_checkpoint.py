@@ -1,5 +1,6 @@
 """Phase checkpoints: exact round trips, retention, async commits, resharding on restore,
 interrupted saves, the progress file and grain iterator state."""
+import copy
 import json
 import os
 import pathlib
@@ -281,3 +282,42 @@ def test_runs_saved_before_the_pos_table_fields_still_resume(tmp_path):
   config.model.pos_crop = "center"
   with pytest.raises(ValueError, match="model.pos_crop is 'reference' there and 'center' now"):
     workdir_lib.check_compatible(config, str(tmp_path))
+
+
+def test_a_resumed_run_keeps_what_its_started_phases_trained_with(tmp_path):
+  """p1 finished and p2 has a checkpoint: their settings are fixed, p3's are not."""
+  config = audio_config.get_config("demo")
+  config.rounds = ("encoder", "tokenizer", "joint")
+  workdir = str(tmp_path)
+  workdir_lib.save_config(config, workdir)
+  checkpoint.write_progress(workdir, {"completed": ["p1_encoder"]})
+  os.makedirs(tmp_path / "checkpoints" / "p2_tokenizer" / "4")
+  workdir_lib.check_resumable(config, workdir)
+
+  def resumes(**changes) -> bool:
+    try:
+      workdir_lib.check_resumable(_with(config, **changes), workdir)
+    except ValueError as e:
+      assert str(e).startswith(f"{workdir}: p")
+      return False
+    return True
+
+  assert not resumes(**{"encoder_phase.lr": 0.5})
+  assert not resumes(**{"tokenizer_phase.steps": 2})
+  assert not resumes(seed=5)
+  assert not resumes(**{"data.roll_mag_aug": False})
+  assert not resumes(rounds=("encoder", "joint", "joint"))
+  with pytest.raises(ValueError, match=r"p2_tokenizer started with tokenizer_phase.batch_size "
+                                       r"= \d+, and tokenizer_phase.batch_size is 3 now"):
+    workdir_lib.check_resumable(
+        _with(config, **{"tokenizer_phase.batch_size": 3}), workdir)
+  assert resumes(**{"joint_phase.lr": 0.5, "joint_phase.steps": 2})
+  assert resumes(rounds=("encoder", "tokenizer", "encoder"))
+  assert resumes(**{"tokenizer_phase.grad_accum": 2, "data.num_workers": 0,
+                    "data.manifest": "/moved/train.json", "log_every": 1, "mesh.data": 2})
+
+
+def _with(config, **changes):
+  changed = copy.deepcopy(config)
+  changed.update_from_flattened_dict(changes)
+  return changed

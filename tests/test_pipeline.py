@@ -1,4 +1,6 @@
 """The grain pipeline: determinism, host sharding, resumable state, bad clips."""
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -172,6 +174,24 @@ def test_bad_clips_are_counted_in_a_shuffled_stream(clips, tmp_path):
   # 3 epochs of good clips: the bad clips of the first two epochs all precede them.
   skipped = sum(int(b["skipped"].sum()) for b in _take(ds, 3 * NUM_CLIPS // 4))
   assert 2 * num_bad <= skipped <= 3 * num_bad
+
+
+def test_a_resumed_stream_keeps_counting_the_skipped_clips(clips, tmp_path):
+  source, num_bad = _with_bad_clips(clips, tmp_path)
+  stream = pipeline.DataStream(source, _data_config(), global_batch_size=4, seed=0)
+  steps = 3 * NUM_CLIPS // 4  # three epochs
+  for _ in range(steps // 2):
+    next(stream)
+  saved = json.loads(json.dumps(stream.get_state()))  # as a checkpoint stores it
+  resumed = pipeline.DataStream(source, _data_config(), global_batch_size=4, seed=0,
+                                saved=saved)
+  for _ in range(steps - steps // 2):
+    next(resumed)
+  uninterrupted = pipeline.DataStream(source, _data_config(), global_batch_size=4, seed=0)
+  for _ in range(steps):
+    next(uninterrupted)
+  assert resumed.skipped_clips == uninterrupted.skipped_clips >= 2 * num_bad
+  assert 0 < saved["skipped_clips"] < resumed.skipped_clips
 
 
 def test_a_manifest_of_only_unreadable_clips_stops_with_an_error(tmp_path):

@@ -199,7 +199,9 @@ class DataStream:
   The order of the batches depends on the number of grain workers, so the position
   (`get_state`) records that number next to grain's iterator state, and a stream rebuilt
   from a saved position uses it again: with `data.num_workers=-1` a run resumes on a
-  machine with another core count; an explicit count that differs is refused.
+  machine with another core count; an explicit count that differs is refused. The
+  position also holds `skipped_clips`, the unreadable clips this host's batches skipped
+  so far, so the count survives a resume.
   """
 
   def __init__(self, source: Sequence[dict], data_config, *, global_batch_size: int, seed: int,
@@ -218,17 +220,22 @@ class DataStream:
     self._iterator = iter(build_dataset(source, data_config, global_batch_size=global_batch_size,
                                         seed=seed, num_workers=self.workers,
                                         mixup_source=mixup_source, shuffle=shuffle))
+    self.skipped_clips = 0
     if saved is not None:
       self._iterator.set_state(saved["iterator"])
+      self.skipped_clips = saved.get("skipped_clips", 0)  # absent in older checkpoints
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    return next(self._iterator)
+    batch = next(self._iterator)
+    self.skipped_clips += int(batch["skipped"].sum())
+    return batch
 
   def get_state(self) -> dict:
-    return {"workers": self.workers, "iterator": self._iterator.get_state()}
+    return {"workers": self.workers, "iterator": self._iterator.get_state(),
+            "skipped_clips": self.skipped_clips}
 
 
 def steps_per_epoch(source: Sequence[dict], global_batch_size: int) -> int:
