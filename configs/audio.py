@@ -7,7 +7,12 @@ Usage:
 
 The default holds the official recipe: mask 0.8, Swin decoder, RQ with 4 codebooks of
 256 codes x 256 dims, EMA decay 0.99, k-means init, and the per-phase epochs / lr /
-warmup / global batch of the reference launch scripts (8 nodes x 8 GPUs x 16).
+warmup / global batch of the reference launch scripts (8 nodes x 8 GPUs x 16). Where the
+scripts differ from it: the tokenizer script leaves k-means off (uniform init and one
+restart; its README calls k-means better), the encoder script passes `--soft_code 2`
+(with the reference's farthest-code bug: `model.quantizer.soft_code=2
+soft_code_farthest=True` reproduces it, for every phase), and the reference's roll never
+moves the clip (`data.roll_mag_gain_only=True` reproduces it).
 """
 import ml_collections
 

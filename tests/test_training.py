@@ -15,6 +15,7 @@ from bridle_jax import driver
 from bridle_jax import prepare as prepare_lib
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import demo
+from bridle_jax.train import preemption
 from configs import audio as audio_config
 
 import cpu_env
@@ -149,6 +150,25 @@ def test_checkpoint_round_trip_restores_state_and_data_position(corpus, tmp_path
   for want in upcoming:
     got = resumed.next_batch()
     np.testing.assert_array_equal(got["waveform"], want["waveform"])
+
+
+def test_a_notice_between_phases_stops_before_the_next_one(corpus, tmp_path, monkeypatch):
+  config = _config(corpus, tmp_path, steps=2)
+  trainer = driver.Trainer(config, str(tmp_path))
+  run_phase = trainer.run_phase
+
+  def noticed_at_the_end(phase, handoff):  # SIGTERM while p1 saved its final checkpoint
+    result = run_phase(phase, handoff)
+    trainer.preemption._on_signal(signal.SIGTERM, None)
+    return result
+
+  monkeypatch.setattr(trainer, "run_phase", noticed_at_the_end)
+  with pytest.raises(preemption.Preempted, match="p2_tokenizer: preempted before it "
+                                                        "started; rerun the same command"):
+    trainer.run()
+  progress = json.loads((tmp_path / "progress.json").read_text())
+  assert progress["completed"] == ["p1_encoder"]
+  assert not workdir_lib.has_phase_checkpoint(str(tmp_path), "p2_tokenizer")
 
 
 def _cli(workdir, corpus, *overrides):
