@@ -26,8 +26,8 @@ SHAPE_FIELDS = ("model", "data.target_length", "data.num_mel_bins")
 SPEED_DEFAULTS = {"model.attention_impl": "auto", "model.remat": "none",
                   "model.decoder.attention_impl": "auto",
                   "model.residual_stream_dtype": "float32", "model.gelu": "exact"}
-# Fields outside `model` that a resumed run may change although its started phases used
-# them: how the data is read and where it lies (a moved corpus), not what it holds.
+# Data fields that a resumed run may change although its started phases used them: how
+# the data is read and where it lies (a moved corpus), not what it holds.
 RESUME_FREE = ("data.num_workers", "data.prefetch", "data.manifest", "data.label_csv",
                "data.demo_dir", "data.format")
 # Fields added after runs were saved without them, with the value that matches how those
@@ -79,10 +79,10 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ValueError naming the first field a started phase of `workdir` (finished, or
   with a checkpoint to resume) trained with and `config` changes.
 
-  Such a phase depends on the seed, `init_from`, `encoder_from_scratch`, the rounds up to
-  it, its `<kind>_phase` block (but `grad_accum`) and the data settings (but
-  `RESUME_FREE`); `check_compatible` covers the model. Phases not started yet, and the
-  mesh, logging and checkpoint cadence, may change.
+  Such a phase depends on the seed, `encoder_from_scratch`, the rounds up to it, its
+  `<kind>_phase` block (but `grad_accum`) and the data settings (but `RESUME_FREE`);
+  `check_compatible` covers the model. Phases not started yet, the mesh, logging,
+  checkpoint cadence and paths (`init_from`, the data's) may change.
   """
   saved = _flatten(json.loads(load_config(workdir).to_json_best_effort()))
   current = _flatten(json.loads(config.to_json_best_effort()))
@@ -94,7 +94,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     if list(current["rounds"][:index + 1]) != list(saved["rounds"][:index + 1]):
       _refuse_resume(workdir, phase_id, "rounds", saved["rounds"], current["rounds"])
     for key in sorted(saved):
-      depends = (key in ("seed", "init_from", "encoder_from_scratch")
+      depends = (key in ("seed", "encoder_from_scratch")
                  or (key.startswith(f"{kind}_phase.") and key != f"{kind}_phase.grad_accum")
                  or (key.startswith("data.") and key not in RESUME_FREE))
       if depends and key in current and current[key] != saved[key]:

@@ -314,7 +314,8 @@ def test_a_resumed_run_keeps_what_its_started_phases_trained_with(tmp_path):
   assert resumes(**{"joint_phase.lr": 0.5, "joint_phase.steps": 2})
   assert resumes(rounds=("encoder", "tokenizer", "encoder"))
   assert resumes(**{"tokenizer_phase.grad_accum": 2, "data.num_workers": 0,
-                    "data.manifest": "/moved/train.json", "log_every": 1, "mesh.data": 2})
+                    "data.manifest": "/moved/train.json", "init_from": "/moved/run",
+                    "log_every": 1, "mesh.data": 2})
 
 
 def _with(config, **changes):

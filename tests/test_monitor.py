@@ -161,9 +161,7 @@ def test_a_resumed_phase_summarises_the_whole_phase(tmp_path):
   assert [(r["step"], r["loss"]) for r in _history(tmp_path)] == expected
   assert (summary["from_step"], summary["steps"]) == (6, 10)
   # TensorBoard drops the first run's events from step 7 on when it reads the restart.
-  starts = [e.step for e in _events(tmp_path / "tensorboard" / "encoder_r2")
-            if e.HasField("session_log") and e.session_log.status == e.session_log.START]
-  assert starts == [7]
+  assert _starts(tmp_path / "tensorboard" / "encoder_r2") == [1, 7]
   assert summary["final_loss"] == pytest.approx(10.0)
   assert summary["mean_loss_last_10pct"] == pytest.approx(10.0)  # 1 of 10 losses
 
@@ -192,6 +190,14 @@ def test_a_fresh_phase_discards_an_old_history(tmp_path):
   summary = _run_phase(tmp_path, 3)
   assert [r["step"] for r in _history(tmp_path)] == [1, 2, 3]
   assert summary["final_loss"] == pytest.approx(100 / 3)
+  # Each run restarts TensorBoard at step 1, hiding the earlier run's events.
+  assert _starts(tmp_path / "tensorboard" / "encoder_r2") == [1, 1]
+
+
+def _starts(logdir):
+  """The steps of the SessionLog STARTs in `logdir`'s event files (file order)."""
+  return [e.step for e in _events(logdir)
+          if e.HasField("session_log") and e.session_log.status == e.session_log.START]
 
 
 def test_sync_writes_the_history_without_breaking_the_log_interval(tmp_path, caplog):

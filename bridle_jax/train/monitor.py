@@ -78,9 +78,10 @@ class PhaseMonitor:
     self.log_every = log_every
     self.usage_every = usage_every
     self.is_writer = is_writer
-    # A resumed run hides the events the stopped run wrote after the checkpoint.
+    # This run hides the events an earlier run of the phase wrote after the checkpoint it
+    # resumes from (after none: all of them, for a run that stopped before its first).
     self._writer = (events.ScalarWriter(os.path.join(workdir, "tensorboard", phase_id),
-                                        purge_step=start_step + 1 if start_step else None)
+                                        purge_step=start_step + 1)
                     if is_writer else None)
     self._start_time = time.perf_counter()
     self._pending = []  # (step, {name: device or host value}) not yet logged.
