@@ -29,7 +29,8 @@ SPEED_DEFAULTS = {"model.attention_impl": "auto", "model.remat": "none",
 # Data fields that a resumed run may change although its started phases used them: how
 # the data is read and where it lies (a moved corpus), not what it holds.
 RESUME_FREE = ("data.num_workers", "data.prefetch", "data.manifest", "data.label_csv",
-               "data.demo_dir", "data.format")
+               "data.eval_manifest", "data.demo_dir", "data.format")
+FINETUNE_FIELDS = ("mode", "seed", "init_from", "init_phase", "model", "finetune", "data")
 # Fields added after runs were saved without them, with the value that matches how those
 # runs behaved.
 ADDED_DEFAULTS = {"model.pos_table_frames": 0, "model.pos_crop": "reference"}
@@ -84,8 +85,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   `check_compatible` covers the model. Phases not started yet, the mesh, logging,
   checkpoint cadence and paths (`init_from`, the data's) may change.
   """
-  saved = _flatten(json.loads(load_config(workdir).to_json_best_effort()))
-  current = _flatten(json.loads(config.to_json_best_effort()))
+  saved, current = _flat_configs(config, workdir)
   finished = checkpoint.read_progress(workdir).get("completed", [])
   for index, kind in enumerate(saved["rounds"]):
     phase_id = f"p{index + 1}_{kind}"
@@ -93,18 +93,37 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
       continue
     if list(current["rounds"][:index + 1]) != list(saved["rounds"][:index + 1]):
       _refuse_resume(workdir, phase_id, "rounds", saved["rounds"], current["rounds"])
-    for key in sorted(saved):
-      depends = (key in ("seed", "encoder_from_scratch")
-                 or (key.startswith(f"{kind}_phase.") and key != f"{kind}_phase.grad_accum")
-                 or (key.startswith("data.") and key not in RESUME_FREE))
-      if depends and key in current and current[key] != saved[key]:
-        _refuse_resume(workdir, phase_id, key, saved[key], current[key])
+    _check_unchanged(saved, current, ("seed", "encoder_from_scratch", f"{kind}_phase", "data"),
+                     RESUME_FREE + (f"{kind}_phase.grad_accum",), workdir, phase_id)
 
 
-def _refuse_resume(workdir: str, phase_id: str, key: str, saved, current):
-  raise ValueError(f"{workdir}: {phase_id} started with {key} = {saved!r}, and {key} is "
+def check_finetune_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ValueError naming the first field that `config` changes from the fine-tuning
+  or probe runs `workdir` holds: the mode, the seed, the pretrained run (`init_from`,
+  `init_phase`), the model, the `finetune` block and the data settings (but
+  `RESUME_FREE`) stay as they were; the speed settings, mesh and logging may change."""
+  saved, current = _flat_configs(config, workdir)
+  _check_unchanged(saved, current, FINETUNE_FIELDS, RESUME_FREE + tuple(SPEED_DEFAULTS),
+                   workdir, "its fine-tuning runs")
+
+
+def _flat_configs(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict]:
+  """(`workdir`'s saved config, `config`) as flat {dotted key: value} dicts."""
+  return (_flatten(json.loads(load_config(workdir).to_json_best_effort())),
+          _flatten(json.loads(config.to_json_best_effort())))
+
+
+def _check_unchanged(saved: dict, current: dict, fields, exempt, workdir: str, what: str):
+  for key in sorted(saved):
+    depends = any(key == field or key.startswith(field + ".") for field in fields)
+    if depends and key not in exempt and key in current and current[key] != saved[key]:
+      _refuse_resume(workdir, what, key, saved[key], current[key])
+
+
+def _refuse_resume(workdir: str, what: str, key: str, saved, current):
+  raise ValueError(f"{workdir}: {what} started with {key} = {saved!r}, and {key} is "
                    f"{current!r} now; resume with the settings it started with, or use "
-                   "another --workdir (--config.init_from starts from its finished phases)")
+                   "another --workdir")
 
 
 def _lookup(tree: dict, field: str):

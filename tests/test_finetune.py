@@ -276,6 +276,13 @@ def test_kfold_cli_trains_one_run_per_fold_and_averages(corpus, tmp_path):
   rerun = _run_cli(*args)  # finished folds are not trained again
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert rerun.stderr.count("already done") == 5
+  # Other settings in the same workdir are refused, not answered with the old results.
+  probe = args[0].replace(":esc50_demo", ":esc50_probe_demo")
+  for changed_args, field in (([*args, "--config.finetune.lr=0.5"], "finetune.lr = "),
+                              ([probe, *args[1:]], "")):
+    changed = _run_cli(*changed_args)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert f"its fine-tuning runs started with {field}" in changed.stderr.splitlines()[-1]
 
 
 def test_shipped_finetune_configs():

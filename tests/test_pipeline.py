@@ -87,6 +87,28 @@ def test_host_shards_are_disjoint_and_cover_the_set(clips):
   assert len(set().union(*map(set, seen))) == NUM_CLIPS
 
 
+def test_hosts_shuffle_and_augment_with_their_own_randomness(clips):
+  """Host h holds records h, h + 3, ...; with one seed for all, batch slot k of every host
+  would hold neighbouring records, and copies of one clip would come out rolled alike."""
+  def first_epoch(source, index, **overrides):
+    ds = pipeline.build_dataset(source, _data_config(**overrides), global_batch_size=12,
+                                seed=0, process_index=index, process_count=3)
+    return _take(ds, 2)
+
+  orders = [np.concatenate([b["index"] for b in first_epoch(clips, h)]) // 3 for h in range(3)]
+  assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+  copies = ListSource([clips[0]] * NUM_CLIPS)
+  rolled = [first_epoch(copies, h)[0]["waveform"] for h in range(2)]
+  assert not np.array_equal(rolled[0], rolled[1])
+  # Host 0 draws as a single-host run with the same seed does.
+  single = pipeline.build_dataset(clips, _data_config(), global_batch_size=4, seed=0,
+                                  process_index=0, process_count=1)
+  np.testing.assert_array_equal(
+      _take(single, 1)[0]["waveform"],
+      pipeline.build_dataset(clips, _data_config(), global_batch_size=4, seed=0,
+                             process_index=0, process_count=1).__iter__().__next__()["waveform"])
+
+
 def test_restored_iterator_continues_exactly(clips):
   ds = pipeline.build_dataset(clips, _data_config(mixup=0.5), global_batch_size=4, seed=1,
                               process_index=0, process_count=1)

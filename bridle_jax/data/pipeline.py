@@ -139,6 +139,11 @@ def worker_count(num_workers: int) -> int:
   return min(host_cores() - 1, AUTO_WORKERS_MAX)
 
 
+# Distance between the data seeds of consecutive hosts; runs derive the seeds of their
+# phases from `config.seed` by small offsets, which this keeps apart.
+HOST_SEED_STRIDE = 2**20
+
+
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
     raise ValueError(f"batch size {global_batch_size} is not divisible by the "
@@ -176,9 +181,13 @@ def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int
   ds = ds[process_index::process_count]
   if len(ds) < batch and train:
     raise ValueError(f"host shard holds {len(ds)} clips, fewer than one batch of {batch}")
+  # Each host shuffles its shard and draws its augmentation from a seed of its own: with
+  # one seed for all, slot k of every host's batch would hold neighbouring records, rolled,
+  # scaled and mixed alike. Host 0 keeps `seed`, so single-host runs are unchanged.
+  host_seed = seed + HOST_SEED_STRIDE * process_index
   if train and shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs).random_map(loader, seed=seed)
+    ds = ds.shuffle(seed=host_seed)
+  ds = ds.repeat(num_epochs).random_map(loader, seed=host_seed)
   ds = SkipBadClips(ds.to_iter_dataset(), max_consecutive=min(len(source), 1000))
   if not train:
     # A finite pass runs on grain's threads in this process. Worker processes would each

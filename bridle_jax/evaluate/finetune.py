@@ -574,6 +574,10 @@ def run(config, workdir: str, mode: str | None = None) -> dict:
   else:
     logging.warning("init_from is empty: the classifier starts from random weights")
   config_validation.validate_config(config)
+  progress = checkpoint.read_progress(workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if progress.get("runs") or (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+    workdir_lib.check_finetune_resumable(config, workdir)
   workdir_lib.save_config(config, workdir)
   if mode == "probe" and config.finetune.fast_probe:
     return run_fast_probe(config, workdir)
