@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from bridle_jax import config_validation
 from bridle_jax import workdir as workdir_lib
@@ -423,11 +424,9 @@ class Finetuner:
     run_monitor = monitor.PhaseMonitor(self.workdir, run_id, total, ft.batch_size,
                                        config.log_every, config.log_every,
                                        is_writer=jax.process_index() == 0, start_step=step)
-    skipped = 0
     with ckpt.commits_on_error():
       while step < total:
         host_batch = next(iterator)
-        skipped += int(host_batch["skipped"].sum())
         state, step_metrics = step_fn(state, self.device_batch(
             {k: host_batch[k] for k in BATCH_KEYS}))
         step += 1
@@ -453,6 +452,9 @@ class Finetuner:
     key = primary_metric(config)
     best_step = max(evals, key=lambda s: (evals[s][key], s))
     train_summary = run_monitor.finish()
+    skipped = iterator.skipped_clips  # this host's, over the whole run
+    if jax.process_count() > 1:  # every host skips its own clips
+      skipped = int(multihost_utils.process_allgather(np.int64(skipped)).sum())
     train_summary.update(skipped_clips=skipped)
     return {"final": evals[total], "best": evals[best_step], "best_step": best_step,
             "primary_metric": key, "train_clips": len(train_source),
