@@ -1,4 +1,6 @@
-"""Codebook plumbing of the driver: tokenizer-code reuse and periodic dead-code restarts."""
+"""Codebook plumbing of the driver: tokenizer-code reuse, periodic dead-code restarts and
+the joint phase's targets."""
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from bridle_jax.data import pipeline
 from bridle_jax.data import sources
 from bridle_jax.models import quantizer
 from bridle_jax.train import code_cache
+from bridle_jax.train import state as state_lib
 from bridle_jax.train import steps
 from configs import audio as audio_config
 
@@ -150,3 +153,20 @@ def test_driver_restarts_every_n_steps(corpus, tmp_path, monkeypatch):
   monkeypatch.setattr(driver.Trainer, "_codebook_step", counting)
   driver.Trainer(config, str(tmp_path)).run()
   assert calls == [(True, 0), (False, 3), (False, 6)]
+
+
+def test_joint_targets_are_the_codes_before_the_steps_ema():
+  """The reference takes the joint phase's encoder targets from an eval-mode tokenizer
+  pass (codebooks before this step's EMA); its tokenizer loss looks rows up after it."""
+  config = audio_config.get_config("demo")
+  config.model.quantizer.decay = 0.5  # a large EMA step: later stages' codes then move
+  models = state_lib.build_models(config)
+  params = jax.jit(lambda key: nn.unbox(state_lib.init_params(models, key)))(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(2), (2, *models.input_shape))
+  z = models.tokenizer.apply({"params": params["tokenizer"]}, x)
+  codebooks = quantizer.init(models.quantizer, jax.random.key(1))
+  targets = steps._estimate(models, params, codebooks, x)[0]
+  frozen = steps.tokenizer_codes(models, params, codebooks, x, cold_start=False)[0]
+  np.testing.assert_array_equal(targets, frozen)
+  training = quantizer.quantize(models.quantizer, codebooks, z, training=True)[1]
+  assert not np.array_equal(training, frozen)

@@ -38,9 +38,15 @@ def _teacher_features(models: Models, params, x):
 
 
 def _estimate(models: Models, params, codebooks, x):
-  """Tokenizer -> quantizer -> estimator; returns (codes, z_q prediction, cb loss, stats)."""
+  """Tokenizer -> quantizer -> estimator; returns (codes, z_q prediction, cb loss, stats).
+
+  The quantizer runs in training mode for z_q, the loss and the stats; the codes (the
+  joint phase's encoder targets) come from its eval-mode lookup, as the reference's
+  targets do (taken before the step's EMA). Unused in the tokenizer phase, XLA drops them.
+  """
   z = models.tokenizer.apply({"params": params["tokenizer"]}, x, cold_start=False)
-  z_q, codes, losses, stats = quantizer.quantize(models.quantizer, codebooks, z, training=True)
+  z_q, _, losses, stats = quantizer.quantize(models.quantizer, codebooks, z, training=True)
+  codes = quantizer.quantize(models.quantizer, codebooks, z)[1]
   prediction = models.estimator.apply({"params": params["estimator"]}, z_q)
   return codes, prediction, losses.mean(), stats
 
