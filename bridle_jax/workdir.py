@@ -80,10 +80,11 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ValueError naming the first field a started phase of `workdir` (finished, or
   with a checkpoint to resume) trained with and `config` changes.
 
-  Such a phase depends on the seed, `encoder_from_scratch`, the rounds up to it, its
-  `<kind>_phase` block (but `grad_accum`) and the data settings (but `RESUME_FREE`);
-  `check_compatible` covers the model. Phases not started yet, the mesh, logging,
-  checkpoint cadence and paths (`init_from`, the data's) may change.
+  Such a phase depends on the seed, `init_from` (which decides the cold start),
+  `encoder_from_scratch`, the rounds up to it, its `<kind>_phase` block (but `grad_accum`
+  and `reuse_codes`, which change how, not what, it computes) and the data settings (but
+  `RESUME_FREE`); `check_compatible` covers the model. Blocks of kinds that no started
+  phase has, the mesh, logging and checkpoint cadence may change.
   """
   saved, current = _flat_configs(config, workdir)
   finished = checkpoint.read_progress(workdir).get("completed", [])
@@ -93,8 +94,10 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
       continue
     if list(current["rounds"][:index + 1]) != list(saved["rounds"][:index + 1]):
       _refuse_resume(workdir, phase_id, "rounds", saved["rounds"], current["rounds"])
-    _check_unchanged(saved, current, ("seed", "encoder_from_scratch", f"{kind}_phase", "data"),
-                     RESUME_FREE + (f"{kind}_phase.grad_accum",), workdir, phase_id)
+    _check_unchanged(saved, current,
+                     ("seed", "init_from", "encoder_from_scratch", f"{kind}_phase", "data"),
+                     RESUME_FREE + (f"{kind}_phase.grad_accum", f"{kind}_phase.reuse_codes"),
+                     workdir, phase_id)
 
 
 def check_finetune_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:

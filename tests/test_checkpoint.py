@@ -307,14 +307,15 @@ def test_a_resumed_run_keeps_what_its_started_phases_trained_with(tmp_path):
   assert not resumes(seed=5)
   assert not resumes(**{"data.roll_mag_aug": False})
   assert not resumes(rounds=("encoder", "joint", "joint"))
+  assert not resumes(init_from="/another/run")  # it decides p1's cold start
   with pytest.raises(ValueError, match=r"p2_tokenizer started with tokenizer_phase.batch_size "
                                        r"= \d+, and tokenizer_phase.batch_size is 3 now"):
     workdir_lib.check_resumable(
         _with(config, **{"tokenizer_phase.batch_size": 3}), workdir)
   assert resumes(**{"joint_phase.lr": 0.5, "joint_phase.steps": 2})
   assert resumes(rounds=("encoder", "tokenizer", "encoder"))
-  assert resumes(**{"tokenizer_phase.grad_accum": 2, "data.num_workers": 0,
-                    "data.manifest": "/moved/train.json", "init_from": "/moved/run",
+  assert resumes(**{"tokenizer_phase.grad_accum": 2, "encoder_phase.reuse_codes": True,
+                    "data.num_workers": 0, "data.manifest": "/moved/train.json",
                     "log_every": 1, "mesh.data": 2})
 
 

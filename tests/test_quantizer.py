@@ -355,7 +355,8 @@ def test_bf16_input_and_large_counts_stay_float32_and_finite():
 
 # ---- sharding ----
 
-def test_sharded_batch_matches_unsharded_and_replicates_codebooks():
+@pytest.mark.parametrize("training", [False, True])
+def test_sharded_batch_matches_unsharded_and_replicates_codebooks(training):
   devices = jax.devices()
   assert len(devices) >= 8, "tests/conftest.py should provide 8 CPU devices"
   mesh = Mesh(np.asarray(devices[:8]), ("data",))
@@ -367,7 +368,7 @@ def test_sharded_batch_matches_unsharded_and_replicates_codebooks():
 
   def step(state, z, rng):
     state = qz.kmeans_init(spec, state, z, rng)
-    _, codes, _, stats = qz.quantize(spec, state, z)
+    _, codes, _, stats = qz.quantize(spec, state, z, training=training)
     return qz.ema_update(spec, state, stats), stats, codes
 
   ref_state, ref_stats, ref_codes = jax.jit(step)(state, jnp.asarray(z), rng)

@@ -50,8 +50,10 @@ from bridle_jax.train import state as state_lib
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "audio.py"
 PHASE_KINDS = ("encoder", "tokenizer", "joint")
 _POS_ATOL = 1e-5
-_ARGS_TYPES = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath,
-               pathlib.PurePosixPath, pathlib.PureWindowsPath]
+_PATHS = (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath)
+# Under the names a checkpoint pickled on Python < 3.13 uses too: newer Pythons define
+# these classes in pathlib._local.
+_ARGS_TYPES = [argparse.Namespace, *_PATHS, *((cls, f"pathlib.{cls.__name__}") for cls in _PATHS)]
 
 
 def default_config():

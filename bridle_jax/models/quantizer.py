@@ -146,8 +146,9 @@ def quantize(spec: QuantizerSpec, state: CodebookState, z: jax.Array, *,
   (`topk` of the distances, i.e. the k farthest codes, farthest first).
 
   The 'vq' quantizer looks its rows up before the EMA step, as the reference's does. With
-  gradient accumulation each micro-batch looks up through its own stats' EMA step, while
-  the state takes one step with the summed stats.
+  gradient accumulation each micro-batch looks up through its own stats' EMA step (so the
+  codes of stages after the first depend slightly on the split), while the state takes
+  one step with the summed stats.
 
   Returns:
     z_q: z's shape and dtype. codes: int32 (..., S * soft_code). losses: float32 (S,).
@@ -274,12 +275,14 @@ def restart_unused_with_indices(spec: QuantizerSpec, state: CodebookState, z: ja
                                 indices: jax.Array) -> CodebookState:
   """Replaces every code that no position of the batch z chooses by a vector of z.
 
-  Stages run in order, as in the reference's forward: stage s assigns codes to the
-  residual left by the stages before it, its codes chosen by no position are dead, dead
-  code k becomes u_s[indices[s, k]], the normalised residual at that stage (the
+  Stages run in order, as in the reference's eval-mode forward: stage s assigns codes to
+  the residual left by the stages before it, its codes chosen by no position are dead,
+  dead code k becomes u_s[indices[s, k]], the normalised residual at that stage (the
   reference's candidate rows), and the next residual subtracts the rows of the codes
-  assigned before the restart (which it left alone). The counts are global sums over
-  the batch, so every device restarts the same codes with the same rows.
+  assigned before the restart (which it left alone). (The reference's tokenizer phase
+  restarts inside its first training-mode pass, whose residuals subtract post-EMA rows.)
+  The counts are global sums over the batch, so every device restarts the same codes
+  with the same rows.
   """
   residual = _flat_input(spec, z)
   codebooks = []
