@@ -16,9 +16,7 @@ import os
 
 import flax.linen as nn
 import jax
-import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import pipeline
@@ -182,10 +180,8 @@ class Trainer:
     final.close()
     summary = phase_monitor.finish()
     self.loss_histories[phase.id] = phase_monitor.loss_history
-    skipped = run.iterator.skipped_clips  # this host's, over the whole phase
-    if jax.process_count() > 1:  # every host skips its own clips
-      skipped = int(multihost_utils.process_allgather(np.int64(skipped)).sum())
-    summary.update(skipped_clips=skipped, cold_start=run.cold_start, steps=run.total)
+    summary.update(skipped_clips=run.iterator.skipped_clips_of_all_hosts(),
+                   cold_start=run.cold_start, steps=run.total)
     if run.code_reuse is not None:
       summary.update(batches_with_reused_codes=run.code_reuse.reused_batches)
     logging.info("%s: done, %s", phase.id, summary)

@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -252,6 +253,22 @@ def test_preempted_fine_tuning_saves_and_resumes_to_the_same_result(corpus, tmp_
   assert result["final"]["accuracy"] == pytest.approx(expected["final"]["accuracy"])
   with open(tmp_path / "stopped" / "history" / "probe.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == list(range(1, 7))
+
+
+def test_a_notice_between_folds_stops_before_the_next_fold(corpus, tmp_path, monkeypatch):
+  config = _config(corpus, "esc50_demo", steps=1)
+  tuner = _finetuner(config, tmp_path, "finetune", num_devices=1)
+  train_and_evaluate = tuner.train_and_evaluate
+
+  def noticed_at_the_end(*args):  # SIGTERM while fold1 saved its final checkpoint
+    result = train_and_evaluate(*args)
+    tuner.preemption._on_signal(signal.SIGTERM, None)
+    return result
+
+  monkeypatch.setattr(tuner, "train_and_evaluate", noticed_at_the_end)
+  with pytest.raises(preemption.Preempted, match="fold2: preempted before it started"):
+    tuner.run()
+  assert list(json.loads((tmp_path / "progress.json").read_text())["runs"]) == ["fold1"]
 
 
 def _run_cli(*args):

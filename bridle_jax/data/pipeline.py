@@ -15,6 +15,7 @@ import grain
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from bridle_jax.data import audio
 from bridle_jax.data import augment
@@ -245,6 +246,12 @@ class DataStream:
   def get_state(self) -> dict:
     return {"workers": self.workers, "iterator": self._iterator.get_state(),
             "skipped_clips": self.skipped_clips}
+
+  def skipped_clips_of_all_hosts(self) -> int:
+    """`skipped_clips` summed over the hosts (each skips its own; every host calls this)."""
+    if jax.process_count() == 1:
+      return self.skipped_clips
+    return int(multihost_utils.process_allgather(np.int64(self.skipped_clips)).sum())
 
 
 def steps_per_epoch(source: Sequence[dict], global_batch_size: int) -> int:

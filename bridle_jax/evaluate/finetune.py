@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 
 from bridle_jax import config_validation
 from bridle_jax import workdir as workdir_lib
@@ -378,6 +377,9 @@ class Finetuner:
       if run_id in results:
         logging.info("%s: already done", run_id)
         continue
+      if self.preemption.requested():  # SIGTERM while the previous run finished
+        raise preemption.Preempted(f"{run_id}: preempted before it started; rerun the same "
+                                   "command to resume")
       with device_memory.fields_on_out_of_memory("finetune", self.config.finetune.batch_size,
                                                  sharding.batch_shards(self.mesh)):
         results[run_id] = self.train_and_evaluate(run_id, index, train_source, eval_source)
@@ -452,10 +454,7 @@ class Finetuner:
     key = primary_metric(config)
     best_step = max(evals, key=lambda s: (evals[s][key], s))
     train_summary = run_monitor.finish()
-    skipped = iterator.skipped_clips  # this host's, over the whole run
-    if jax.process_count() > 1:  # every host skips its own clips
-      skipped = int(multihost_utils.process_allgather(np.int64(skipped)).sum())
-    train_summary.update(skipped_clips=skipped)
+    train_summary.update(skipped_clips=iterator.skipped_clips_of_all_hosts())
     return {"final": evals[total], "best": evals[best_step], "best_step": best_step,
             "primary_metric": key, "train_clips": len(train_source),
             "eval_clips": len(eval_source), "evals": {str(s): evals[s] for s in sorted(evals)},

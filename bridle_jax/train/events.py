@@ -75,8 +75,9 @@ def _record(event: bytes) -> bytes:
 class ScalarWriter:
   """Appends scalar events to a new `events.out.tfevents.*` file in `logdir`.
 
-  purge_step: where a resumed run restarts; TensorBoard then hides the events that
-  earlier files hold at or after it (a SessionLog START at that step).
+  purge_step: the first step this run writes (a resumed run's, or 1); TensorBoard then
+  hides the events that earlier files hold at or after it (a SessionLog START at that
+  step).
   """
 
   def __init__(self, logdir: str, purge_step: int | None = None):
