@@ -99,7 +99,7 @@ class Trainer:
     for phase in phases(self.config):
       if phase.id in completed:
         continue
-      self._stop_if_preempted(phase.id, "before it started")
+      self.preemption.stop_if_requested(f"{phase.id}: preempted before it started")
       if handoff is None and not workdir_lib.has_phase_checkpoint(self.workdir, phase.id):
         handoff = self._starting_point(phase)  # a resumed phase restores its own state
       phase_config = self.config[f"{phase.kind}_phase"]
@@ -112,13 +112,6 @@ class Trainer:
     summary = {"workdir": self.workdir, "phases": summaries}
     monitor.write_summary(self.workdir, summary)
     return summary
-
-  def _stop_if_preempted(self, phase_id: str, where: str) -> None:
-    """Raises `Preempted` if SIGTERM came while no step ran (setting up or compiling a
-    phase): the checkpoints already hold everything, so nothing is saved."""
-    if self.preemption.requested():
-      raise preemption.Preempted(f"{phase_id}: preempted {where}; rerun the same command "
-                                 "to resume")
 
   def _starting_point(self, phase: Phase):
     """The params and codebooks a phase starts from (None: fresh initialisation)."""
@@ -140,7 +133,8 @@ class Trainer:
     run = self.setup_phase(phase, handoff)
     config = self.config
     step = int(run.state.step)
-    self._stop_if_preempted(phase.id, f"at step {step}/{run.total}, while setting it up")
+    self.preemption.stop_if_requested(
+        f"{phase.id}: preempted at step {step}/{run.total}, while setting it up")
     phase_monitor = monitor.PhaseMonitor(
         self.workdir, phase.id, run.total, run.batch_size, config.log_every,
         config.usage_every, is_writer=jax.process_index() == 0, start_step=step)

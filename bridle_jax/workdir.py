@@ -63,17 +63,15 @@ def _flatten(tree, prefix: str = "") -> dict:
 def check_compatible(config: ml_collections.ConfigDict, workdir: str,
                      fields=SHAPE_FIELDS) -> None:
   """Raises ValueError naming the first of `fields` where `workdir`'s saved config differs."""
-  saved = json.loads(load_config(workdir).to_json_best_effort())
-  current = json.loads(config.to_json_best_effort())
-  for field in fields:
-    want, got = _flatten(_lookup(saved, field), field + "."), _flatten(_lookup(current, field),
-                                                                       field + ".")
-    for key in sorted((set(want) | set(got)) - set(SPEED_DEFAULTS)):
-      saved_value = want.get(key, ADDED_DEFAULTS.get(key))
-      if saved_value != got.get(key):
-        raise ValueError(f"{workdir} holds a run with a different config: {key} is "
-                         f"{saved_value!r} there and {got.get(key)!r} now; use another "
-                         f"--workdir (or --config.init_from to start from that run)")
+  saved, current = _flat_configs(config, workdir)
+  for key in sorted(set(saved) | set(current)):
+    if key in SPEED_DEFAULTS or not _under(key, fields):
+      continue
+    saved_value = saved.get(key, ADDED_DEFAULTS.get(key))
+    if saved_value != current.get(key):
+      raise ValueError(f"{workdir} holds a run with a different config: {key} is "
+                       f"{saved_value!r} there and {current.get(key)!r} now; use another "
+                       f"--workdir (or --config.init_from to start from that run)")
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -102,9 +100,15 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def check_finetune_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ValueError naming the first field that `config` changes from the fine-tuning
-  or probe runs `workdir` holds: the mode, the seed, the pretrained run (`init_from`,
-  `init_phase`), the model, the `finetune` block and the data settings (but
-  `RESUME_FREE`) stay as they were; the speed settings, mesh and logging may change."""
+  or probe runs `workdir` holds (finished, or with a checkpoint): the mode, the seed, the
+  pretrained run (`init_from`, `init_phase`), the model, the `finetune` block and the data
+  settings (but `RESUME_FREE`) stay as they were; the speed settings, mesh and logging
+  may change."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  started = (checkpoint.read_progress(workdir).get("runs")
+             or (os.path.isdir(checkpoints) and os.listdir(checkpoints)))
+  if not started:
+    return
   saved, current = _flat_configs(config, workdir)
   _check_unchanged(saved, current, FINETUNE_FIELDS, RESUME_FREE + tuple(SPEED_DEFAULTS),
                    workdir, "its fine-tuning runs")
@@ -116,10 +120,15 @@ def _flat_configs(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict
           _flatten(json.loads(config.to_json_best_effort())))
 
 
+def _under(key: str, fields) -> bool:
+  """Whether the dotted `key` is one of `fields` or lies inside one."""
+  return any(key == field or key.startswith(field + ".") for field in fields)
+
+
 def _check_unchanged(saved: dict, current: dict, fields, exempt, workdir: str, what: str):
   for key in sorted(saved):
-    depends = any(key == field or key.startswith(field + ".") for field in fields)
-    if depends and key not in exempt and key in current and current[key] != saved[key]:
+    if (_under(key, fields) and key not in exempt and key in current
+        and current[key] != saved[key]):
       _refuse_resume(workdir, what, key, saved[key], current[key])
 
 
@@ -127,12 +136,6 @@ def _refuse_resume(workdir: str, what: str, key: str, saved, current):
   raise ValueError(f"{workdir}: {what} started with {key} = {saved!r}, and {key} is "
                    f"{current!r} now; resume with the settings it started with, or use "
                    "another --workdir")
-
-
-def _lookup(tree: dict, field: str):
-  for part in field.split("."):
-    tree = tree.get(part, {}) if isinstance(tree, dict) else {}
-  return tree
 
 
 def finished_phases(workdir: str) -> list[str]:

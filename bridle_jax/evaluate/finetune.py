@@ -377,9 +377,7 @@ class Finetuner:
       if run_id in results:
         logging.info("%s: already done", run_id)
         continue
-      if self.preemption.requested():  # SIGTERM while the previous run finished
-        raise preemption.Preempted(f"{run_id}: preempted before it started; rerun the same "
-                                   "command to resume")
+      self.preemption.stop_if_requested(f"{run_id}: preempted before it started")
       with device_memory.fields_on_out_of_memory("finetune", self.config.finetune.batch_size,
                                                  sharding.batch_shards(self.mesh)):
         results[run_id] = self.train_and_evaluate(run_id, index, train_source, eval_source)
@@ -575,10 +573,7 @@ def run(config, workdir: str, mode: str | None = None) -> dict:
   else:
     logging.warning("init_from is empty: the classifier starts from random weights")
   config_validation.validate_config(config)
-  progress = checkpoint.read_progress(workdir)
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if progress.get("runs") or (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
-    workdir_lib.check_finetune_resumable(config, workdir)
+  workdir_lib.check_finetune_resumable(config, workdir)
   workdir_lib.save_config(config, workdir)
   if mode == "probe" and config.finetune.fast_probe:
     return run_fast_probe(config, workdir)

@@ -45,6 +45,13 @@ class PreemptionNotice:
     return self._received
 
 
+  def stop_if_requested(self, what: str) -> None:
+    """Raises `Preempted` ("<what>; rerun ...") if SIGTERM came while no step ran (between
+    runs, or while one is set up): the checkpoints already hold everything."""
+    if self.requested():
+      raise Preempted(f"{what}; rerun the same command to resume")
+
+
 def stop_message(run_id: str, step: int, total: int) -> str:
   return (f"{run_id}: preempted at step {step}/{total}; checkpoint saved, rerun the same "
           "command to resume")
