@@ -65,7 +65,10 @@ def compile_phase(config, kind: str, batch: int, mesh, target_platform: str) -> 
   """[(lowered, compiled)] of the phase's steps on `mesh` (a joint phase has two). With
   `grad_accum` > 1 the lowered program is the same step without accumulation (the same
   work), since cost analysis counts a loop's body once."""
-  with platform.compiling_for(target_platform):  # the kernel choice happens in compile too
+  # The kernel choice happens in compile too. The abstract mesh names the target's device
+  # kind to the Pallas GPU kernel's lowering, which in jax 0.11.2 otherwise asks for a GPU.
+  with platform.compiling_for(target_platform), jax.sharding.use_abstract_mesh(
+      mesh.abstract_mesh):
     phase = benchmark.phase_programs(config, kind, batch, mesh)
     state = benchmark.abstract_state(phase)
     lowered = [step.lower(state, phase.batch) for step in phase.steps]

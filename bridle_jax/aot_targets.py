@@ -4,8 +4,8 @@ A target is named `h100`, `h200` (one GPU), `h100:8` (8 GPUs on one host), `h100
 hosts of 8), or a TPU topology as libtpu names it, `<version>:<chips>` such as `v5e:2x2`,
 `v5p:2x2x4` or `v4:4x4x4` (libtpu lays a v4 chip out as two devices, one per TensorCore,
 where a v4 slice at run time has one per chip). GPU targets need jax's CUDA plugin (`pip
-install 'jax[cuda12]'`), TPU targets libtpu (`pip install 'jax[tpu]'`); neither opens a
-device.
+install 'jax[cuda12]'` or `'jax[cuda13]'`), TPU targets libtpu (`pip install
+'jax[tpu]'`); neither opens a device.
 """
 import dataclasses
 import math
@@ -92,7 +92,7 @@ def _gpu(model_name: str, hosts: int, per_host: int) -> Target:
         target_config=gpu_target_config(model))
   except Exception as e:  # the plugin's absence shows up as one of several error types
     raise ValueError(f"--target={model_name}: compiling for a GPU needs jax's CUDA plugin "
-                     f"(pip install 'jax[cuda12]'): {e}") from e
+                     f"(pip install 'jax[cuda12]' or 'jax[cuda13]'): {e}") from e
   return Target("gpu", list(topology.devices), model.description, model.memory_bytes)
 
 

@@ -18,7 +18,7 @@ import cpu_env
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cuda_plugin = pytest.mark.skipif(
-    importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    all(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is None for v in (12, 13)),
     reason="needs jax's CUDA plugin: pip install -e '.[aot]'")
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="needs libtpu: pip install -e '.[aot]'")
