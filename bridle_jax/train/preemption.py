@@ -44,7 +44,6 @@ class PreemptionNotice:
       return multihost_utils.reached_preemption_sync_point(self._checks)
     return self._received
 
-
   def stop_if_requested(self, what: str) -> None:
     """Raises `Preempted` ("<what>; rerun ...") if SIGTERM came while no step ran (between
     runs, or while one is set up): the checkpoints already hold everything."""
