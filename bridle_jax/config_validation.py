@@ -4,7 +4,9 @@ import os
 import ml_collections
 
 from bridle_jax.data import audio
-from bridle_jax.models import attention, decoder, layers, pos_embed, window_attention_kernel
+from bridle_jax.models import (attention, decoder, layers, pos_embed, vit,
+                               window_attention_kernel)
+from bridle_jax.train.sharding import MESH_AXES
 
 DATA_FORMATS = ("json", "folder", "tfds")
 QUANTIZER_TYPES = ("rq", "vq")
@@ -46,6 +48,18 @@ def expand_path(path: str, workdir: str) -> str:
   return os.path.expanduser(path.replace("{workdir}", workdir or "."))
 
 
+def _check_sharding_rules(rules) -> None:
+  """Each rule is (logical axis name, mesh axis, tuple of mesh axes, or None)."""
+  for rule in rules:
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+    _require(ok, "sharding_rules", f"{rule!r} is not a (logical axis, mesh axes) pair")
+    targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    unknown = [t for t in targets if t is not None and t not in MESH_AXES]
+    _require(not unknown, "sharding_rules",
+             f"{rule!r} names {', '.join(map(repr, unknown))}, not one of the mesh axes "
+             f"{', '.join(map(repr, MESH_AXES))}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field of `config`."""
   d, m = config.data, config.model
@@ -57,6 +71,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 "data.mixup_alpha", "model.patch_size", "model.width", "model.depth",
                 "model.num_heads", "model.in_chans"):
     _positive(config, field)
+  if m.size in vit.VIT_SIZES:
+    shape = (m.width, m.depth, m.num_heads)
+    _require(shape == vit.VIT_SIZES[m.size], "model.size",
+             f"{m.size!r} is width, depth, heads {vit.VIT_SIZES[m.size]}, but model.width, "
+             f"model.depth, model.num_heads are {shape}; set those three too (or name another "
+             "size for another shape)")
   _require(d.target_length % m.patch_size == 0, "data.target_length",
            f"{d.target_length} frames is not divisible by model.patch_size={m.patch_size}")
   _require(d.num_mel_bins % m.patch_size == 0, "data.num_mel_bins",
@@ -145,9 +165,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(not augmented, "encoder_phase.reuse_codes",
              f"needs unaugmented input, but {', '.join(augmented)} augment it; turn them off "
              "or reuse_codes off")
-  for axis in ("data", "fsdp", "model"):
+  for axis in MESH_AXES:
     size = config.mesh[axis]
     _require(size == -1 or size > 0, f"mesh.{axis}", f"must be -1 or > 0, got {size}")
+  _check_sharding_rules(config.sharding_rules)
   for field in ("checkpoint_every", "keep_checkpoints", "log_every", "usage_every"):
     _positive(config, field)
   _require(config.max_nonfinite_updates >= 0, "max_nonfinite_updates",

@@ -95,6 +95,8 @@ class Trainer:
     progress = checkpoint.read_progress(self.workdir)
     completed = progress.setdefault("completed", [])
     summaries = progress.setdefault("phases", {})
+    for kind in {phase.kind for phase in phases(self.config) if phase.id not in completed}:
+      self.check_batch(kind)  # before days of earlier phases, not when this kind's starts
     handoff = None
     for phase in phases(self.config):
       if phase.id in completed:
@@ -112,6 +114,15 @@ class Trainer:
     summary = {"workdir": self.workdir, "phases": summaries}
     monitor.write_summary(self.workdir, summary)
     return summary
+
+  def check_batch(self, kind: str) -> None:
+    """Raises ValueError naming the field when `<kind>_phase`'s batch cannot be formed."""
+    phase_config = self.config[f"{kind}_phase"]
+    if pipeline.steps_per_epoch(self.source, phase_config.batch_size) == 0:
+      raise ValueError(f"{kind}_phase.batch_size={phase_config.batch_size} exceeds "
+                       f"the {len(self.source)} clips of data.manifest")
+    sharding.check_batch_divides(f"{kind}_phase.batch_size", phase_config.batch_size,
+                                 self.mesh, phase_config.grad_accum)
 
   def _starting_point(self, phase: Phase):
     """The params and codebooks a phase starts from (None: fresh initialisation)."""
@@ -187,11 +198,6 @@ class Trainer:
     phase_config = config[f"{phase.kind}_phase"]
     cold_start = self.uses_cold_start(phase)
     steps_per_epoch = pipeline.steps_per_epoch(self.source, phase_config.batch_size)
-    if steps_per_epoch == 0:
-      raise ValueError(f"{phase.kind}_phase.batch_size={phase_config.batch_size} exceeds "
-                       f"the {len(self.source)} clips of data.manifest")
-    sharding.check_batch_divides(f"{phase.kind}_phase.batch_size", phase_config.batch_size,
-                                 self.mesh)
     total = phase_config.steps or phase_config.epochs * steps_per_epoch
     warmup = round(total * phase_config.warmup_epochs / phase_config.epochs)
     tx = optim.adamw_direction(phase_config)

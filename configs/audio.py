@@ -16,8 +16,7 @@ moves the clip (`data.roll_mag_gain_only=True` reproduces it).
 """
 import ml_collections
 
-# Encoder sizes: (width, depth, heads).
-VIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
+from bridle_jax.models.vit import VIT_SIZES
 
 
 def _phase(epochs, warmup_epochs, lr, batch_size, weight_decay=1e-4):
@@ -65,7 +64,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"         # compute dtype; params and quantizer stay float32
   m.in_chans = 1
   m.patch_size = 16
-  m.size = "B"
+  m.size = "B"                 # S | B | L sets width, depth and heads; any other name is free
   m.width, m.depth, m.num_heads = VIT_SIZES["B"]
   m.mlp_ratio = 4.0
   m.mask_ratio = 0.8

@@ -6,7 +6,8 @@
 #       launch/tpu_pod.sh --config=configs/audio.py --config.data.manifest=/mnt/shared/as2m.json \
 #       --config.data.label_csv=/mnt/shared/class_labels_indices.csv
 #
-# --setup copies this checkout to ~/bridle_jax on every host and installs it with jax[tpu].
+# --setup copies this checkout (less .git, .venv, venv) to ~/bridle_jax on every host and
+# installs it with jax[tpu].
 # The run holds the ssh session: start it from tmux (or screen) so that a dropped
 # connection does not end the job.
 # Every host then runs `python -m bridle_jax.main --distributed` with the same arguments;
@@ -25,10 +26,16 @@ on_all_hosts() {
 
 if [[ "${1:-}" == "--setup" ]]; then
   repo="$(cd "$(dirname "$0")/.." && pwd)"
-  on_all_hosts "rm -rf ~/$REMOTE_DIR"
-  gcloud compute tpus tpu-vm scp --recurse --zone "$ZONE" --worker=all "$repo" \
-    "$TPU_NAME:~/$REMOTE_DIR"
-  on_all_hosts "cd ~/$REMOTE_DIR && python3 -m pip install -q -e . 'jax[tpu]'"
+  # The checkout without its virtual environments and git history (gigabytes per host).
+  archive="$(mktemp -d)/checkout.tar.gz"
+  tar -C "$repo" --exclude=./.git --exclude=./.venv --exclude=./venv \
+    --exclude=__pycache__ -czf "$archive" .
+  on_all_hosts "rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR"
+  gcloud compute tpus tpu-vm scp --zone "$ZONE" --worker=all "$archive" \
+    "$TPU_NAME:~/$REMOTE_DIR/checkout.tar.gz"
+  rm -r "$(dirname "$archive")"
+  on_all_hosts "cd ~/$REMOTE_DIR && tar -xzf checkout.tar.gz && rm checkout.tar.gz && \
+python3 -m pip install -q -e . 'jax[tpu]'"
   exit 0
 fi
 

@@ -90,6 +90,20 @@ def test_round_trip_restores_every_leaf_and_data_state(tmp_path):
   assert restored_data == data_state
 
 
+def test_a_relative_directory_is_taken_from_the_working_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  state = _tiny_state()
+  ckpt = checkpoint.PhaseCheckpointer("runs/x/checkpoints/p1", save_every=1, keep=1,
+                                      async_save=False)
+  assert ckpt.save(2, state, {"next_index": 3})
+  ckpt.close()
+  assert _committed_steps(tmp_path / "runs/x/checkpoints/p1") == [2]
+  again = checkpoint.PhaseCheckpointer("runs/x/checkpoints/p1", save_every=1, keep=1)
+  restored, _ = again.restore(_abstract(state))
+  again.close()
+  _assert_same_tree(restored, state)
+
+
 def test_data_state_of_another_process_layout_is_reported_missing(tmp_path, caplog):
   state = _tiny_state()
   ckpt = checkpoint.PhaseCheckpointer(str(tmp_path), save_every=1, keep=2, async_save=False)

@@ -48,7 +48,7 @@ def test_out_of_memory_names_the_phase_keeps_the_checkpoint_and_resumes_with_acc
   config = audio_config.get_config("demo")
   config.data.update(demo_dir="", manifest=corpus["train"], label_csv=corpus["label_csv"])
   config.rounds = ("encoder",)
-  config.encoder_phase.update(steps=4, batch_size=8, grad_accum=2)
+  config.encoder_phase.update(steps=4, batch_size=32, grad_accum=2)  # 8 devices
   config.checkpoint_every = 2
   workdir = str(tmp_path / "work")
   prepare_lib.prepare(config, workdir)
@@ -61,7 +61,7 @@ def test_out_of_memory_names_the_phase_keeps_the_checkpoint_and_resumes_with_acc
 
   monkeypatch.setattr(driver.PhaseRun, "step_fn", step_fn)
   with pytest.raises(device_memory.OutOfDeviceMemory,
-                     match=r"^encoder_phase: .* encoder_phase.batch_size=8, "
+                     match=r"^encoder_phase: .* encoder_phase.batch_size=32, "
                            r"encoder_phase.grad_accum=2 \(\d+ samples per device per step\)"):
     driver.train(config, workdir)
   assert os.listdir(os.path.join(workdir, "checkpoints", "p1_encoder")) == ["2"]

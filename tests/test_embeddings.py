@@ -130,20 +130,26 @@ def test_verdict_reports_both_probe_accuracies_and_codebook_usage(pretrained):
 
 
 def test_fast_probe_mode_of_the_main_cli(pretrained, corpus, tmp_path):
+  eval_dir = os.path.dirname(corpus["eval"])
+  entries = [dict(e, wav=os.path.join(eval_dir, e["wav"]))
+             for e in json.loads(open(corpus["eval"]).read())["data"]]
+  entries.append(dict(entries[0], wav=str(tmp_path / "gone.wav")))  # unreadable: skipped
+  eval_manifest = tmp_path / "eval.json"
+  eval_manifest.write_text(json.dumps({"data": entries}))
   env = cpu_env.subprocess_env(1)
   result = subprocess.run(
       [sys.executable, "-m", "bridle_jax.main", "--config=configs/finetune_audio.py:demo",
        f"--workdir={tmp_path}", "--mode=probe", "--config.finetune.fast_probe=True",
        "--config.finetune.fast_probe_steps=50", f"--config.init_from={pretrained}",
        "--config.model.width=128", "--config.data.demo_dir=",
-       f"--config.data.manifest={corpus['train']}", f"--config.data.eval_manifest={corpus['eval']}",
+       f"--config.data.manifest={corpus['train']}", f"--config.data.eval_manifest={eval_manifest}",
        f"--config.data.label_csv={corpus['label_csv']}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   run = summary["runs"]["fast_probe"]
   assert summary["mode"] == "fast_probe" and 0.0 <= run["final"]["accuracy"] <= 1.0
-  assert (run["train_clips"], run["eval_clips"]) == (80, 20)
+  assert (run["train_clips"], run["eval_clips"], run["skipped_clips"]) == (80, 20, 1)
   assert workdir_lib.load_config(str(tmp_path)).model.width == 64  # the pretrained width
 
 
@@ -154,3 +160,21 @@ def test_prepare_waveform_takes_time_major_input_and_refuses_channels_first():
     embeddings.prepare_waveform(stereo.T, 16000, 16000)
   with pytest.raises(ValueError, match="too few to resample from 44100 Hz"):
     embeddings.prepare_waveform(np.ones(1), 44100, 16000)
+
+
+def test_prepare_waveform_scales_integer_pcm_as_a_file_decode_does(tmp_path):
+  import soundfile as sf
+  from bridle_jax.data import audio
+  rng = np.random.default_rng(0)
+  pcm = (rng.uniform(-0.5, 0.5, 1600) * 32767).astype(np.int16)
+  path = str(tmp_path / "pcm16.wav")
+  sf.write(path, pcm, 16000, subtype="PCM_16")
+  decoded = audio.load_audio(path, 16000)
+  np.testing.assert_allclose(embeddings.prepare_waveform(pcm, 16000, 16000), decoded, atol=1e-6)
+  np.testing.assert_allclose(embeddings.prepare_waveform(pcm.astype(np.int32) << 16, 16000,
+                                                         16000), decoded, atol=1e-6)
+  unsigned = (pcm.astype(np.int32) // 256 + 128).astype(np.uint8)
+  np.testing.assert_allclose(embeddings.prepare_waveform(unsigned, 16000, 16000), decoded,
+                             atol=1 / 128)
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    embeddings.prepare_waveform(np.array([0.1, np.nan, 0.2]), 16000, 16000)

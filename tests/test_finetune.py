@@ -205,6 +205,29 @@ def _finetuner(config, workdir, mode, num_devices):
   return finetune.Finetuner(config, str(workdir), mode, devices=jax.devices()[:num_devices])
 
 
+def test_a_batch_that_does_not_split_over_the_devices_names_finetune_batch_size(corpus,
+                                                                              tmp_path):
+  config = _config(corpus, batch_size=12)
+  with pytest.raises(ValueError, match=r"^finetune.batch_size=12 is not divisible by the 8 "
+                                       r"data-parallel devices"):
+    _finetuner(config, tmp_path, "finetune", num_devices=8)
+
+
+def test_a_manifest_without_labels_is_refused_before_training(corpus, tmp_path):
+  entries = json.loads(open(corpus["train"]).read())["data"]
+  misspelt = [{"wav": os.path.join(os.path.dirname(corpus["train"]), e["wav"]),
+               "label": e["labels"]} for e in entries]
+  manifest = tmp_path / "train.json"
+  manifest.write_text(json.dumps({"data": misspelt}))
+  config = _config(corpus)
+  config.data.manifest = str(manifest)
+  finetuner = _finetuner(config, tmp_path / "w", "finetune", num_devices=1)
+  with pytest.raises(sources.DataError, match=rf"^data.manifest: none of its {len(entries)} "
+                                              "clips has a label"):
+    finetuner.run()
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
 def test_linear_probe_updates_only_fc_norm_and_head(corpus, tmp_path):
   config = _config(corpus, steps=3, batch_size=16)
   tuner = _finetuner(config, tmp_path, "probe", num_devices=2)

@@ -17,6 +17,78 @@ def test_script_parses(script):
   assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("exit_code,requeued", [(143, True), (1, False)])
+def test_slurm_script_gives_each_task_its_cores_and_requeues_when_preempted(
+    tmp_path, exit_code, requeued):
+  log = tmp_path / "calls"
+  for name, code in (("srun", exit_code), ("scontrol", 0)):
+    stub = tmp_path / name
+    stub.write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\nexit {code}\n')
+    stub.chmod(0o755)
+  env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", WORKDIR="/shared/run 1",
+             SLURM_JOB_ID="42", SLURM_CPUS_PER_TASK="6")
+  result = subprocess.run(["bash", "launch/slurm_gpu.sbatch", "--config=configs/audio.py"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == exit_code
+  calls = log.read_text().splitlines()
+  assert calls[0] == ("srun --cpus-per-task=6 --cpu-bind=cores python -m bridle_jax.main "
+                      "--distributed --workdir=/shared/run 1 --config=configs/audio.py")
+  assert calls[1:] == (["scontrol requeue 42"] if requeued else [])
+
+
+GCLOUD_STUB = """#!/bin/bash
+# gcloud compute tpus tpu-vm ssh|scp ...: one host, whose home is $FAKE_HOME.
+echo "gcloud $4" >> "$LOG"
+if [[ $4 == ssh ]]; then
+  while [[ $# -gt 0 ]]; do [[ $1 == --command ]] && cmd=$2; shift; done
+  cd "$FAKE_HOME" && HOME="$FAKE_HOME" bash -c "$cmd"
+else
+  dest="${@: -1}"
+  cp "${@: -2:1}" "$FAKE_HOME/${dest#*:\\~/}"
+fi
+"""
+
+
+def _tpu_pod(tmp_path, repo, *args, **env):
+  (tmp_path / "home").mkdir(exist_ok=True)
+  for name, text in (("gcloud", GCLOUD_STUB),
+                     ("python3", '#!/bin/sh\necho "python3 $PWD $*" >> "$LOG"\n')):
+    (tmp_path / name).write_text(text)
+    (tmp_path / name).chmod(0o755)
+  env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", TPU_NAME="pod",
+             ZONE="us-central2-b", FAKE_HOME=str(tmp_path / "home"),
+             LOG=str(tmp_path / "log"), **env)
+  result = subprocess.run(["bash", os.path.join(repo, "launch", "tpu_pod.sh"), *args],
+                          env=env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  return (tmp_path / "log").read_text().splitlines()
+
+
+def test_tpu_pod_setup_copies_the_checkout_without_environments_or_history(tmp_path):
+  repo = tmp_path / "checkout"
+  for path in ("launch/tpu_pod.sh", "configs/audio.py", ".venv/lib/big", ".git/HEAD",
+               "bridle_jax/__pycache__/x.pyc"):
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / path).write_text("x")
+  (repo / "launch/tpu_pod.sh").write_text(open(os.path.join(REPO, "launch/tpu_pod.sh")).read())
+  (tmp_path / "home" / "bridle_jax").mkdir(parents=True)
+  (tmp_path / "home" / "bridle_jax" / "stale.py").write_text("from an earlier setup")
+  calls = _tpu_pod(tmp_path, str(repo), "--setup")
+  remote = tmp_path / "home" / "bridle_jax"
+  assert calls == ["gcloud ssh", "gcloud scp", "gcloud ssh",
+                   f"python3 {remote} -m pip install -q -e . jax[tpu]"]
+  copied = sorted(str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file())
+  assert copied == ["configs/audio.py", "launch/tpu_pod.sh"]
+
+
+def test_tpu_pod_runs_the_command_with_its_arguments_intact(tmp_path):
+  (tmp_path / "home" / "bridle_jax").mkdir(parents=True)
+  calls = _tpu_pod(tmp_path, REPO, "--config=configs/audio.py",
+                   "--config.rounds=('encoder', 'tokenizer')", WORKDIR="/mnt/shared/run 1")
+  assert calls[-1].endswith(" -m bridle_jax.main --distributed --workdir=/mnt/shared/run 1 "
+                            "--config=configs/audio.py --config.rounds=('encoder', 'tokenizer')")
+
+
 def _benchmark_gpu(python, *runs, **env):
   env = dict(os.environ, PYTHON=python, JAX_PLATFORMS="cpu", **env)
   return subprocess.run(["bash", "launch/benchmark_gpu.sh", *runs], cwd=REPO, env=env,

@@ -53,6 +53,14 @@ def test_default_config_is_the_paper_recipe():
     ("data.num_workers", -2, "data.num_workers: must be >= 0, or -1 for one per CPU core"),
     ("data.max_clip_seconds", 1.28, "data.max_clip_seconds: 1.28 s is shorter than the 128"),
     ("rounds", ("encoder", "tokeniser"), "rounds[1]: 'tokeniser' is not one of"),
+    ("model.size", "L", "model.size: 'L' is width, depth, heads (1024, 24, 16), but "
+     "model.width, model.depth, model.num_heads are (64, 2, 4)"),
+    ("sharding_rules", (("embed", "fsdq"),), "sharding_rules: ('embed', 'fsdq') names 'fsdq', "
+     "not one of the mesh axes"),
+    ("sharding_rules", (("mlp", ("model", "tp")),), "sharding_rules: ('mlp', ('model', 'tp')) "
+     "names 'tp'"),
+    ("sharding_rules", (("embed",),), "sharding_rules: ('embed',) is not a (logical axis, "
+     "mesh axes) pair"),
 ])
 def test_invalid_fields_are_named(field, value, expected):
   config = audio_config.get_config("demo")
@@ -143,3 +151,25 @@ def test_a_batch_that_does_not_split_over_the_batch_shards_names_the_field():
   with pytest.raises(ValueError, match=r"^encoder_phase.batch_size=12 is not divisible by the "
                                        r"8 data-parallel devices \(mesh.data x mesh.fsdp\)"):
     sharding.check_batch_divides("encoder_phase.batch_size", 12, mesh)
+
+
+def test_init_from_is_saved_as_an_absolute_path(tmp_path, monkeypatch):
+  from bridle_jax import prepare
+  monkeypatch.chdir(tmp_path)
+  config = audio_config.get_config("demo")
+  config.data.demo_dir = ""
+  config.init_from = "runs/pretrain"
+  prepare.prepare(config, "")
+  assert config.init_from == str(tmp_path / "runs" / "pretrain")
+
+
+def test_a_model_axis_across_hosts_is_refused_naming_mesh_model():
+  import numpy as np
+  from bridle_jax.train import sharding
+  # 2 hosts x 4 devices, as a (data, fsdp, model) mesh.
+  hosts = np.repeat(np.arange(2), 4)
+  sharding.check_hosts_own_their_batch_shards(hosts.reshape(2, 1, 4))  # model within hosts
+  sharding.check_hosts_own_their_batch_shards(hosts.reshape(4, 1, 2))
+  with pytest.raises(ValueError, match=r"^mesh.model=8 spans hosts .*hosts \[0, 1\].*"
+                                       r"mesh.model <= 4"):
+    sharding.check_hosts_own_their_batch_shards(hosts.reshape(1, 1, 8))

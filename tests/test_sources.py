@@ -51,6 +51,14 @@ def test_label_csv_keeps_quoted_display_names(tmp_path):
     label_map.index("/m/cow")
 
 
+def test_label_csv_with_a_space_after_each_comma(tmp_path):
+  csv_path = _write(tmp_path / "spaced.csv", 'index, mid, display_name\n'
+                    '0, /m/a, "Speech"\n1, /m/b, "Dog, bark"\n')
+  label_map = sources.load_label_map(csv_path)
+  assert label_map.mids == ("/m/a", "/m/b")
+  assert label_map.display_names == ("Speech", "Dog, bark")
+
+
 @pytest.mark.parametrize("text, message", [
     ("index,mid\n0,/m/a\n", "line 1: missing column(s) display_name"),
     ("index,mid,display_name\n0,/m/a,A\nx,/m/b,B\n", "line 3: index 'x' is not an integer"),
@@ -92,6 +100,14 @@ def test_json_manifest_dict_form(tmp_path):
   assert third["labels"].tolist() == []
   with pytest.raises(IndexError):
     source[3]
+
+
+def test_json_manifest_with_a_byte_order_mark(tmp_path):
+  manifest = tmp_path / "bom.json"
+  manifest.write_bytes(b"\xef\xbb\xbf" + json.dumps(
+      {"data": [{"wav": "x.wav", "labels": "/m/cat"}]}).encode())
+  source = sources.JsonManifestSource(str(manifest), _label_map(tmp_path))
+  assert source[0]["labels"].tolist() == [1]
 
 
 def test_json_manifest_bare_list_form(tmp_path):
@@ -269,3 +285,26 @@ def test_tfds_build_refuses_existing_dataset(built_tfds):
   with pytest.raises(sources.DataError, match="already built"):
     tfds_builder.build_array_record(manifest, label_csv,
                                     os.path.dirname(os.path.dirname(os.path.dirname(dataset_dir))))
+
+
+def test_a_dataset_built_with_another_split_name_opens_through_the_config(built_tfds):
+  base, manifest, label_csv, train_dir = built_tfds
+  dataset_dir = tfds_builder.build_array_record(manifest, label_csv, str(base / "built_eval"),
+                                                split="eval", name="held_out")
+  source = sources.open_source(_data_config(format="tfds", manifest=dataset_dir))
+  train = tfds_builder.TfdsSource(train_dir)
+  assert source.split == "eval" and train.split == "train" and len(source) == len(train)
+  for got, want in zip(source.label_table(), train.label_table()):
+    np.testing.assert_array_equal(got, want)
+  assert source[-1]["path"] == train[-1]["path"]
+
+
+def test_a_build_removes_what_an_interrupted_build_left(built_tfds):
+  base, manifest, label_csv, _ = built_tfds
+  parent = base / "built_again" / "audio_manifest" / "train"
+  leftover = parent / "incomplete.AB12CD_1.0.0"
+  leftover.mkdir(parents=True)
+  (leftover / "audio_manifest-train.array_record-00000-of-00003").write_bytes(b"partial")
+  dataset_dir = tfds_builder.build_array_record(manifest, label_csv, str(base / "built_again"))
+  assert sorted(os.listdir(parent)) == ["1.0.0"] and dataset_dir == str(parent / "1.0.0")
+  assert len(tfds_builder.TfdsSource(dataset_dir)) == 5

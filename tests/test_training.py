@@ -171,6 +171,26 @@ def test_a_notice_between_phases_stops_before_the_next_one(corpus, tmp_path, mon
   assert not workdir_lib.has_phase_checkpoint(str(tmp_path), "p2_tokenizer")
 
 
+@pytest.mark.parametrize("field,value,expected", [
+    ("tokenizer_phase.batch_size", 12,
+     r"^tokenizer_phase.batch_size=12 is not divisible by the 8 data-parallel devices"),
+    ("tokenizer_phase.grad_accum", 4,
+     r"^tokenizer_phase.grad_accum=4 splits tokenizer_phase.batch_size=16 into micro-batches "
+     r"of 4, which the 8 data-parallel devices"),
+])
+def test_a_later_phases_batch_is_refused_before_the_first_phase_runs(
+    corpus, tmp_path, monkeypatch, field, value, expected):
+  config = _config(corpus, tmp_path, steps=2)
+  config.tokenizer_phase.batch_size = 16
+  section, name = field.split(".")
+  config[section][name] = value
+  trainer = driver.Trainer(config, str(tmp_path))
+  assert len(trainer.mesh.devices.flat) == 8
+  monkeypatch.setattr(trainer, "run_phase", lambda *args: pytest.fail("a phase ran"))
+  with pytest.raises(ValueError, match=expected):
+    trainer.run()
+
+
 def _cli(workdir, corpus, *overrides):
   env = cpu_env.subprocess_env(1)
   args = [sys.executable, "-m", "bridle_jax.main", "--config=configs/audio.py:demo",

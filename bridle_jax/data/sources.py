@@ -49,7 +49,7 @@ def load_label_map(csv_path: str) -> LabelMap:
   """Reads an AudioSet-style `class_labels_indices.csv` (index, mid, display_name)."""
   try:
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
-      rows = list(csv.reader(f))
+      rows = list(csv.reader(f, skipinitialspace=True))  # `0, /m/x, "Name, with comma"`
   except FileNotFoundError:
     raise DataError(f"{csv_path}: file not found") from None
   except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -221,7 +221,7 @@ def check_index(index: int, length: int) -> int:
 
 def _read_json_entries(manifest_path: str) -> list:
   try:
-    with open(manifest_path, encoding="utf-8") as f:
+    with open(manifest_path, encoding="utf-8-sig") as f:  # a byte-order mark is skipped
       content = json.load(f)
   except FileNotFoundError:
     raise DataError(f"{manifest_path}: file not found") from None

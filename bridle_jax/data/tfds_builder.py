@@ -18,8 +18,10 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import glob
 import io
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -142,6 +144,12 @@ def build_array_record(manifest: str, label_csv: str, data_dir: str, split: str 
   if os.path.exists(dataset_dir) and not overwrite:
     raise sources.DataError(f"{dataset_dir}: already built (rebuild with overwrite=True, "
                             "--overwrite on the command line)")
+  # tfds writes into incomplete.<random>_<version> and renames it when done: one left
+  # beside the dataset is the partial output of a build that was killed.
+  version = os.path.basename(dataset_dir)
+  for leftover in glob.glob(os.path.join(os.path.dirname(dataset_dir), f"incomplete.*_{version}")):
+    logging.warning("Removing %s, the partial output of an interrupted build", leftover)
+    shutil.rmtree(leftover)
   with tempfile.TemporaryDirectory() as unused_download_dir:  # tfds creates one
     builder.download_and_prepare(
         download_dir=unused_download_dir,
@@ -156,10 +164,13 @@ class TfdsSource:
   Pickles without its open readers (grain worker processes reopen them on first use).
   """
 
-  def __init__(self, dataset_dir: str, split: str = "train"):
+  def __init__(self, dataset_dir: str, split: str | None = None):
+    """split: default the dataset's only split (a build writes one), else "train"."""
     self.dataset_dir = os.path.abspath(dataset_dir)
-    self.split = split
     info = self._open_builder().info
+    if split is None:
+      split = next(iter(info.splits)) if len(info.splits) == 1 else "train"
+    self.split = split
     if split not in info.splits:
       raise sources.DataError(f"{self.dataset_dir}: no split {split!r} "
                               f"(splits: {', '.join(info.splits)})")

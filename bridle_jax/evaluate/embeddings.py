@@ -49,8 +49,21 @@ DECODE_THREADS = 4
 
 
 def prepare_waveform(waveform, sample_rate: int, target_sr: int) -> np.ndarray:
-  """(T,) or (T, channels) samples at `sample_rate` -> mono, DC-free float32 at `target_sr`."""
-  wave = np.asarray(waveform, np.float32)
+  """(T,) or (T, channels) samples at `sample_rate` -> mono, DC-free float32 at `target_sr`.
+
+  Float samples are taken as they are (full scale 1); integer PCM (int16 from
+  scipy.io.wavfile, int32, unsigned 8-bit) is scaled to full scale 1 as a file decode does.
+  """
+  wave = np.asarray(waveform)
+  if np.issubdtype(wave.dtype, np.integer):
+    info = np.iinfo(wave.dtype)
+    offset = (int(info.max) + 1) // 2 if info.min == 0 else 0  # unsigned PCM centres on 128
+    wave = (wave.astype(np.float64) - offset) / (int(info.max) + 1 - offset)
+  elif not np.issubdtype(wave.dtype, np.floating):
+    raise ValueError(f"expected float or integer PCM samples, got dtype {wave.dtype}")
+  wave = wave.astype(np.float32)
+  if not np.isfinite(wave).all():
+    raise ValueError("the waveform holds NaN or infinite samples")
   if wave.ndim == 2 and wave.shape[1] > wave.shape[0]:
     raise ValueError(f"expected (T, channels) samples, got shape {wave.shape}: a "
                      "(channels, T) array (torchaudio, librosa) needs a transpose")
@@ -76,7 +89,8 @@ def clip_batches(source: Sequence[dict], data_config, batch_size: int
     record = source[index]
     try:
       wave = audio.load_audio(record["audio"] or record["path"], data_config.sample_rate,
-                              name=record["path"])
+                              name=record["path"],
+                              max_seconds=data_config.get("max_clip_seconds", 0.0))
     except audio.AudioDecodeError as e:
       logging.warning("Unreadable clip %d: %s", index, e)
       return None

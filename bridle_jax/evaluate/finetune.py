@@ -276,6 +276,10 @@ def _open_eval_source(config, train_source):
 
 def _splits(config, source, name: str) -> list[tuple[str, Any, Any]]:
   """(run id, train source, eval source) of every run: `name`, or one per fold."""
+  if sources.label_statistics(source)["num_unlabelled"] == len(source):
+    raise sources.DataError(
+        f"data.manifest: none of its {len(source)} clips has a label, so there is nothing to "
+        "fine-tune on (a JSON entry lists its classes as \"labels\": \"mid1,mid2\")")
   if config.finetune.kfold:
     return [(f"fold{fold}", SubsetSource(source, train), SubsetSource(source, test))
             for fold, train, test in metrics.kfold_splits(clip_folds(source))]
@@ -294,6 +298,7 @@ class Finetuner:
     self.workdir = workdir
     self.mode = mode
     self.mesh = sharding.make_mesh(config.mesh, devices)
+    sharding.check_batch_divides("finetune.batch_size", config.finetune.batch_size, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)
     self.source = sources.open_source(config.data)
@@ -554,8 +559,10 @@ def run_fast_probe(config, workdir: str) -> dict:
                                          multi_label=bool(data.multi_label),
                                          l2=ft.fast_probe_l2, steps=ft.fast_probe_steps)
     logging.info("%s fast probe: %s", run_id, _format(result))
+    train_clips, eval_clips = (int(np.isfinite(x).all(1).sum()) for x in (train_x, eval_x))
     results[run_id] = {"final": result, "best": result, "primary_metric": primary_metric(config),
-                       "train_clips": len(train_y), "eval_clips": len(eval_y)}
+                       "train_clips": train_clips, "eval_clips": eval_clips,
+                       "skipped_clips": len(train_x) + len(eval_x) - train_clips - eval_clips}
   summary = summarise(config, "fast_probe", results)
   monitor.write_summary(workdir, summary)
   return summary
@@ -566,7 +573,6 @@ def run(config, workdir: str, mode: str | None = None) -> dict:
   mode = mode or config.mode
   config.mode = mode
   config.data.eval_manifest = config_validation.expand_path(config.data.eval_manifest, workdir)
-  config.init_from = config_validation.expand_path(config.init_from, workdir)
   validate(config, mode)
   if config.init_from:
     adopt_pretrained_architecture(config)

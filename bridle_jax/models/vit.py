@@ -18,6 +18,9 @@ from bridle_jax.models.layers import (Block, Dtype, PatchEmbed, broadcast_param,
                                       partitioned, rematted)
 from bridle_jax.models.pos_embed import audio_pos_embed
 
+# Named encoder sizes (`model.size`): (width, depth, heads).
+VIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
+
 
 class ViTBackbone(nn.Module):
   """Shared trunk of the encoder and the tokenizer: `embed` then `transform`."""

@@ -101,13 +101,14 @@ class PhaseCheckpointer:
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
     if save_every < 1 or keep < 1:
       raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
-    self.directory = directory
+    # orbax refuses relative paths; a workdir given as `runs/x` is taken from the cwd.
+    self.directory = os.path.abspath(os.path.expanduser(directory))
     self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
-        directory, options=options,
+        self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": _HostDataHandler()})
 
   def should_save(self, step: int) -> bool:

@@ -36,8 +36,28 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Shards the leading (batch) axis over the data and fsdp mesh axes."""
+  """Shards the leading (batch) axis over the data and fsdp mesh axes (each host feeds the
+  rows of the batch shards its devices hold: see `check_hosts_own_their_batch_shards`)."""
+  check_hosts_own_their_batch_shards(
+      np.vectorize(lambda device: device.process_index, otypes=[int])(mesh.devices))
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def check_hosts_own_their_batch_shards(hosts: np.ndarray) -> None:
+  """Raises ValueError naming mesh.model when the devices of one batch shard sit on several
+  hosts. `hosts` holds the process index of each device of the (data, fsdp, model) mesh.
+
+  Each host reads its own clips, so a batch shard whose model-parallel devices span hosts
+  would be given different clips by each of them: a smaller global batch, mixed up.
+  """
+  per_shard = hosts.reshape(-1, hosts.shape[-1])
+  spanning = [sorted(set(row.tolist())) for row in per_shard if len(set(row.tolist())) > 1]
+  if spanning:
+    per_host = min(np.unique(hosts, return_counts=True)[1])
+    raise ValueError(
+        f"mesh.model={hosts.shape[-1]} spans hosts (a batch shard's devices are on hosts "
+        f"{spanning[0]}), but each host feeds whole batch shards; use mesh.model <= "
+        f"{per_host} (the devices per host) and shard further with mesh.fsdp")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -49,12 +69,18 @@ def batch_shards(mesh: Mesh) -> int:
   return _axis_size(mesh, BATCH_AXES)
 
 
-def check_batch_divides(name: str, batch_size: int, mesh: Mesh) -> None:
-  """Raises ValueError naming `name` when `batch_size` does not split over the batch shards."""
+def check_batch_divides(name: str, batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
+  """Raises ValueError naming `name` (a `<section>.batch_size`) when `batch_size`, or each of
+  its `grad_accum` micro-batches, does not split over the batch shards."""
   shards = batch_shards(mesh)
   if batch_size % shards:
     raise ValueError(f"{name}={batch_size} is not divisible by the {shards} data-parallel "
                      "devices (mesh.data x mesh.fsdp)")
+  if (batch_size // grad_accum) % shards:
+    accum_name = name.rsplit(".", 1)[0] + ".grad_accum"
+    raise ValueError(f"{accum_name}={grad_accum} splits {name}={batch_size} into "
+                     f"micro-batches of {batch_size // grad_accum}, which the {shards} "
+                     "data-parallel devices (mesh.data x mesh.fsdp) cannot share evenly")
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
