@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from bridle_jax import aot_targets
 from bridle_jax import benchmark
+from bridle_jax import config_validation
 from bridle_jax import files
 from bridle_jax import hlo_kernels
 from bridle_jax.models import platform
@@ -129,6 +130,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(f"--batch takes integers: {e}") from e
   try:
+    config_validation.validate_config(config, data_paths=False)
     target = aot_targets.resolve(flags.FLAGS.target)
     usable = usable_memory(target, os.environ)
     mesh = sharding.make_mesh(config.mesh, target.devices)

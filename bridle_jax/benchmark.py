@@ -36,6 +36,7 @@ from jax._src import xla_bridge  # the CPU backend's cost model (cost_flops)
 from jax._src.lib import _jax as jax_lib
 from ml_collections import config_flags
 
+from bridle_jax import config_validation
 from bridle_jax import files
 from bridle_jax import prepare
 from bridle_jax.data import audio
@@ -265,16 +266,21 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
   every = len(schedule)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
   step = 0
+  metrics = None
 
   def run(n):
-    nonlocal state, step
+    nonlocal state, step, metrics
     for _ in range(n):
-      state, _, _ = schedule[step % every](state, device_batch)
+      state, metrics, _ = schedule[step % every](state, device_batch)
       step += 1
     jax.block_until_ready(state)
 
   step_time = median_seconds(run, num_steps, warmup, repeats)
   peak_memory = peak_memory_bytes()  # before the FLOP count below can allocate more
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):  # a fast step that computes nonsense is no result
+    raise FloatingPointError(f"{kind} phase, batch {batch}: the last timed step's loss is "
+                             f"{loss}; no row is written")
   state = device_batch = None  # frees the device for the state built below
   # The lowered program is the whole (unpartitioned) step, so this is the global count.
   # Cost analysis counts the body of a grad_accum loop once, so the FLOPs come from the
@@ -297,7 +303,7 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
       "cost_to_analytic": flops / analytic if analytic else None,
       "tflops_per_second": tflops,
       "mfu": tflops / (peak * jax.device_count()) if peak else None,
-      "peak_memory_bytes": peak_memory,
+      "peak_memory_bytes": peak_memory, "loss": loss,
   }
 
 
@@ -404,7 +410,8 @@ def format_report(report: dict) -> str:
              ("XLA / analytic", _fmt(report["cost_to_analytic"], ".2f")),
              ("TFLOP/s", _fmt(report["tflops_per_second"], ".3f")),
              ("MFU", _fmt(report["mfu"], ".1%")),
-             ("peak memory", _memory(report["peak_memory_bytes"]))]
+             ("peak memory", _memory(report["peak_memory_bytes"])),
+             ("loss (last step)", f"{report['loss']:.4f}")]
   return "\n".join(f"{name:<22} {value}" for name, value in lines)
 
 
@@ -437,6 +444,10 @@ def main(argv):
     reports = {b: run_input_benchmark(config, b, flags.FLAGS.steps, flags.FLAGS.warmup)
                for b in batches}
   else:
+    try:
+      config_validation.validate_config(config, data_paths=False)
+    except config_validation.ConfigError as e:
+      raise app.UsageError(str(e)) from e
     reports = sweep_batches(
         lambda b: run_step_benchmark(config, flags.FLAGS.phase, b, flags.FLAGS.steps,
                                      flags.FLAGS.warmup, flags.FLAGS.repeats), batches)

@@ -60,13 +60,17 @@ def _check_sharding_rules(rules) -> None:
              f"{', '.join(map(repr, MESH_AXES))}")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first invalid field of `config`."""
+def validate_config(config: ml_collections.ConfigDict, data_paths: bool = True) -> None:
+  """Raises ConfigError naming the first invalid field of `config`; with data_paths=False
+  (tools that run the step on random input) the data files may be unset."""
   d, m = config.data, config.model
   _one_of(config, "data.format", DATA_FORMATS)
-  _require(bool(d.manifest), "data.manifest", "is empty; set the training manifest (or use the :demo config)")
-  if d.format == "json":
-    _require(bool(d.label_csv), "data.label_csv", "is empty; data.format='json' needs a class_labels_indices.csv")
+  if data_paths:
+    _require(bool(d.manifest), "data.manifest",
+             "is empty; set the training manifest (or use the :demo config)")
+    if d.format == "json":
+      _require(bool(d.label_csv), "data.label_csv",
+               "is empty; data.format='json' needs a class_labels_indices.csv")
   for field in ("data.sample_rate", "data.num_mel_bins", "data.target_length", "data.std",
                 "data.mixup_alpha", "model.patch_size", "model.width", "model.depth",
                 "model.num_heads", "model.in_chans"):

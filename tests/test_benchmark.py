@@ -61,7 +61,25 @@ def test_tokenizer_phase_reports_throughput_and_flops():
   assert report["samples_per_second"] > 0 and report["step_ms"] > 0
   assert report["flops_per_step"] > 0 and report["analytic_flops_per_step"] > 0
   assert report["mfu"] is None  # CPU: no peak in the table
+  assert np.isfinite(report["loss"])
   assert "samples/s" in benchmark.format_report(report)
+
+
+def test_a_step_whose_loss_is_not_finite_gives_no_report():
+  config = _demo_config()
+  config.data.mean = float("nan")  # every input patch NaN
+  with pytest.raises(FloatingPointError, match="encoder phase, batch 8: the last timed step's "
+                                               "loss is nan; no row is written"):
+    benchmark.run_step_benchmark(config, "encoder", 8, num_steps=1, warmup=1, repeats=1)
+
+
+def test_the_command_refuses_an_invalid_config_naming_the_field(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "bridle_jax.benchmark", "--config=configs/audio.py",
+       "--config.model.residual_stream_dtype=bf16", "--phase=encoder", "--batch=8"],
+      cwd=REPO, env=cpu_env.subprocess_env(1), capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "model.residual_stream_dtype: 'bf16' is not one of" in result.stderr
 
 
 def test_sharded_encoder_step_runs_with_the_pallas_window_kernel():
