@@ -95,7 +95,7 @@ class Trainer:
     progress = checkpoint.read_progress(self.workdir)
     completed = progress.setdefault("completed", [])
     summaries = progress.setdefault("phases", {})
-    for kind in {phase.kind for phase in phases(self.config) if phase.id not in completed}:
+    for kind in dict.fromkeys(p.kind for p in phases(self.config) if p.id not in completed):
       self.check_batch(kind)  # before days of earlier phases, not when this kind's starts
     handoff = None
     for phase in phases(self.config):

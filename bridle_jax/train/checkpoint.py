@@ -102,7 +102,7 @@ class PhaseCheckpointer:
     if save_every < 1 or keep < 1:
       raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
     # orbax refuses relative paths; a workdir given as `runs/x` is taken from the cwd.
-    self.directory = os.path.abspath(os.path.expanduser(directory))
+    self.directory = os.path.abspath(directory)
     self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save,
