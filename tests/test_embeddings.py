@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -178,3 +179,43 @@ def test_prepare_waveform_scales_integer_pcm_as_a_file_decode_does(tmp_path):
                              atol=1 / 128)
   with pytest.raises(ValueError, match="NaN or infinite"):
     embeddings.prepare_waveform(np.array([0.1, np.nan, 0.2]), 16000, 16000)
+
+
+def test_patch_export_streams_to_disk_instead_of_holding_copies(pretrained, corpus, tmp_path):
+  """4,000 clips of patch embeddings (64 MB) are written with far less than that in memory,
+  and the output directory keeps no scratch files."""
+  with open(corpus["eval"]) as f:
+    entries = json.load(f)["data"]
+  base = os.path.dirname(corpus["eval"])
+  entries = [dict(e, wav=os.path.join(base, e["wav"])) for e in entries] * 200
+  manifest = tmp_path / "big.json"
+  manifest.write_text(json.dumps({"data": entries}))
+  out_dir = tmp_path / "out"
+  tracemalloc.start()
+  try:
+    report = embeddings.embed_manifest(pretrained, str(manifest), str(out_dir / "emb.npz"),
+                                       label_csv=corpus["label_csv"], include_patch=True)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  patch_bytes = 4000 * 64 * 64 * 4
+  assert report["patch_shape"] == [4000, 64, 64]
+  assert peak < patch_bytes / 2, f"peak {peak / 2**20:.1f} MiB for {patch_bytes / 2**20} MiB"
+  assert os.listdir(out_dir) == ["emb.npz"]
+  out = np.load(out_dir / "emb.npz")
+  np.testing.assert_array_equal(out["patch"][:20], out["patch"][20:40])  # the same 20 clips
+  np.testing.assert_allclose(out["pooled"], out["patch"].mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_an_interrupted_npz_write_leaves_the_old_file_and_no_scratch(tmp_path, monkeypatch):
+  path = tmp_path / "emb.npz"
+  embeddings.write_npz(str(path), {"pooled": np.ones((3, 2), np.float32)})
+
+  def fail(*args, **kwargs):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(np, "savez", fail)
+  with pytest.raises(OSError, match="disk full"):
+    embeddings.write_npz(str(path), {"pooled": np.zeros((3, 2), np.float32)})
+  assert os.listdir(tmp_path) == ["emb.npz"]
+  np.testing.assert_array_equal(np.load(path)["pooled"], np.ones((3, 2)))
