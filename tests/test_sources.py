@@ -110,6 +110,18 @@ def test_json_manifest_with_a_byte_order_mark(tmp_path):
   assert source[0]["labels"].tolist() == [1]
 
 
+def test_json_manifest_paths_with_home_and_a_linked_manifest_directory(tmp_path, monkeypatch):
+  """~ is the home directory; '..' from a manifest reached through a linked directory goes
+  where opening the file would, next to the directory the link points at."""
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  _write_json(tmp_path / "real" / "set" / "train.json", {"data": [
+      {"wav": "~/clips/a.wav", "labels": "/m/dog"}, {"wav": "../audio/b.wav", "labels": ""}]})
+  os.symlink(tmp_path / "real" / "set", tmp_path / "link")
+  source = sources.JsonManifestSource(str(tmp_path / "link" / "train.json"), _label_map(tmp_path))
+  assert source[0]["path"] == str(tmp_path / "home" / "clips" / "a.wav")
+  assert source[1]["path"] == str(tmp_path / "real" / "audio" / "b.wav")
+
+
 def test_json_manifest_bare_list_form(tmp_path):
   manifest = _write_json(tmp_path / "train.json", [
       {"wav": "x.wav", "labels": "/m/cat,/m/bird"}, {"wav": "y.wav", "labels": "/m/dog"}])

@@ -123,15 +123,17 @@ class PackedSource:
 class JsonManifestSource(PackedSource):
   """An AudioMAE/AST JSON manifest: `{"data": [entry, ...]}` or a bare list of entries.
 
-  An entry is {"wav": path, "labels": "mid1,mid2", "fold": int (optional)}. Relative
-  paths resolve against the manifest's directory; a missing or empty "labels" marks an
-  unlabelled clip. Everything is validated here; audio files are not opened.
+  An entry is {"wav": path, "labels": "mid1,mid2", "fold": int (optional)}. A leading ~
+  is the home directory; relative paths resolve against the directory the manifest file
+  really is in (symbolic links followed, as opening "<dir>/../x.wav" would); a missing or
+  empty "labels" marks an unlabelled clip. Everything is validated here; audio files are
+  not opened.
   """
 
   def __init__(self, manifest_path: str, label_map: LabelMap):
     self.manifest_path = os.path.abspath(manifest_path)
     entries = _read_json_entries(self.manifest_path)
-    base_dir = os.path.dirname(self.manifest_path)
+    base_dir = os.path.dirname(os.path.realpath(self.manifest_path))
     paths, labels, folds = [], [], []
     for i, entry in enumerate(entries):
       where = f"{self.manifest_path}: entry {i}"
@@ -140,7 +142,7 @@ class JsonManifestSource(PackedSource):
       wav = entry.get("wav")
       if not isinstance(wav, str) or not wav:
         raise DataError(f"{where}: 'wav' must be a non-empty string, got {wav!r}")
-      paths.append(os.path.normpath(os.path.join(base_dir, wav)))
+      paths.append(os.path.normpath(os.path.join(base_dir, os.path.expanduser(wav))))
       labels.append(_parse_labels(entry.get("labels", ""), label_map, where))
       folds.append(_parse_fold(entry.get("fold"), where))
     super().__init__(paths, labels, folds, label_map)
