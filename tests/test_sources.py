@@ -1,4 +1,5 @@
 """Data sources: label csv, JSON manifests, class folders, open_source and TFDS ArrayRecord."""
+import fcntl
 import json
 import os
 import pickle
@@ -318,5 +319,23 @@ def test_a_build_removes_what_an_interrupted_build_left(built_tfds):
   leftover.mkdir(parents=True)
   (leftover / "audio_manifest-train.array_record-00000-of-00003").write_bytes(b"partial")
   dataset_dir = tfds_builder.build_array_record(manifest, label_csv, str(base / "built_again"))
-  assert sorted(os.listdir(parent)) == ["1.0.0"] and dataset_dir == str(parent / "1.0.0")
+  assert sorted(os.listdir(parent)) == [".1.0.0.build.lock", "1.0.0"]
+  assert dataset_dir == str(parent / "1.0.0")
   assert len(tfds_builder.TfdsSource(dataset_dir)) == 5
+
+
+def test_a_second_build_of_a_dataset_being_built_fails_and_leaves_the_first_alone(built_tfds):
+  base, manifest, label_csv, _ = built_tfds
+  parent = base / "built_twice" / "audio_manifest" / "train"
+  running = parent / "incomplete.RUNNING_1.0.0"
+  running.mkdir(parents=True)
+  fd = os.open(parent / ".1.0.0.build.lock", os.O_RDWR | os.O_CREAT)
+  fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first build holds its lock
+  try:
+    with pytest.raises(sources.DataError, match="another build of this dataset is running"):
+      tfds_builder.build_array_record(manifest, label_csv, str(base / "built_twice"))
+    assert running.is_dir() and not (parent / "1.0.0").exists()
+  finally:
+    os.close(fd)
+  tfds_builder.build_array_record(manifest, label_csv, str(base / "built_twice"))
+  assert sorted(os.listdir(parent)) == [".1.0.0.build.lock", "1.0.0"]

@@ -16,7 +16,9 @@ are skipped, logged and listed in the dataset's metadata.json.
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import glob
 import io
@@ -141,21 +143,43 @@ def build_array_record(manifest: str, label_csv: str, data_dir: str, split: str 
   builder = AudioManifest(config=config, data_dir=os.path.abspath(data_dir),
                           file_format=FILE_FORMAT)
   dataset_dir = os.fspath(builder.data_dir)
-  if os.path.exists(dataset_dir) and not overwrite:
-    raise sources.DataError(f"{dataset_dir}: already built (rebuild with overwrite=True, "
-                            "--overwrite on the command line)")
-  # tfds writes into incomplete.<random>_<version> and renames it when done: one left
-  # beside the dataset is the partial output of a build that was killed.
-  version = os.path.basename(dataset_dir)
-  for leftover in glob.glob(os.path.join(os.path.dirname(dataset_dir), f"incomplete.*_{version}")):
-    logging.warning("Removing %s, the partial output of an interrupted build", leftover)
-    shutil.rmtree(leftover)
-  with tempfile.TemporaryDirectory() as unused_download_dir:  # tfds creates one
-    builder.download_and_prepare(
-        download_dir=unused_download_dir,
-        download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS))
+  with _build_lock(dataset_dir):
+    if os.path.exists(dataset_dir) and not overwrite:
+      raise sources.DataError(f"{dataset_dir}: already built (rebuild with overwrite=True, "
+                              "--overwrite on the command line)")
+    # tfds writes into incomplete.<random>_<version> and renames it when done: one left
+    # beside the dataset is the partial output of a build that was killed.
+    version = os.path.basename(dataset_dir)
+    for leftover in glob.glob(os.path.join(os.path.dirname(dataset_dir),
+                                           f"incomplete.*_{version}")):
+      logging.warning("Removing %s, the partial output of an interrupted build", leftover)
+      shutil.rmtree(leftover)
+    with tempfile.TemporaryDirectory() as unused_download_dir:  # tfds creates one
+      builder.download_and_prepare(
+          download_dir=unused_download_dir,
+          download_config=tfds.download.DownloadConfig(
+              download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS))
   return dataset_dir
+
+
+@contextlib.contextmanager
+def _build_lock(dataset_dir: str):
+  """Holds `.<version>.build.lock` beside the dataset for a build. A second build of the
+  same dataset (on this machine, or on another that mounts the directory with file
+  locking) fails at once instead of deleting the first one's output as a leftover; the
+  operating system releases the lock of a build that is killed."""
+  path = os.path.join(os.path.dirname(dataset_dir), f".{os.path.basename(dataset_dir)}.build.lock")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise sources.DataError(f"{dataset_dir}: another build of this dataset is running "
+                              f"(it holds {path}); wait for it to finish") from None
+    yield
+  finally:
+    os.close(fd)
 
 
 class TfdsSource:
