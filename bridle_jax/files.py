@@ -1,10 +1,13 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one."""
+import contextlib
 import os
 import tempfile
 
 
-def write_atomic(path: str, data: bytes, *, durable: bool = False) -> None:
-  """Writes `data` to `path` through a temp file in the same directory and os.replace.
+@contextlib.contextmanager
+def atomic_output(path: str, *, durable: bool = False):
+  """A binary file to write `path` through: a temp file in the same directory that
+  replaces `path` when the block ends, or is removed if it raises.
 
   durable=True also fsyncs the file and its directory, so the write survives a crash
   of the machine, not only of the process.
@@ -13,7 +16,7 @@ def write_atomic(path: str, data: bytes, *, durable: bool = False) -> None:
   fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_")
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(data)
+      yield f
       if durable:
         f.flush()
         os.fsync(f.fileno())
@@ -27,3 +30,9 @@ def write_atomic(path: str, data: bytes, *, durable: bool = False) -> None:
       os.fsync(dir_fd)
     finally:
       os.close(dir_fd)
+
+
+def write_atomic(path: str, data: bytes, *, durable: bool = False) -> None:
+  """Writes `data` to `path` through `atomic_output`."""
+  with atomic_output(path, durable=durable) as f:
+    f.write(data)

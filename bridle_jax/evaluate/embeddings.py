@@ -38,6 +38,7 @@ import numpy as np
 import soxr
 from absl import logging
 
+from bridle_jax import files
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import audio
 from bridle_jax.data import sources
@@ -222,18 +223,12 @@ def multi_hot_labels(source) -> np.ndarray:
 
 
 def write_npz(path: str, arrays: dict) -> None:
-  """Writes `arrays` as an uncompressed npz through a temp file beside `path` and a rename:
-  the arrays stream to disk (memory maps included) and a reader never sees half a file."""
+  """Writes `arrays` as an uncompressed npz, atomically; the arrays stream to the file
+  (memory maps included) rather than being copied into one buffer first."""
   path = os.path.abspath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.unlink(tmp_path)
-    raise
+  with files.atomic_output(path) as f:
+    np.savez(f, **arrays)
 
 
 def embed_manifest(workdir: str, manifest: str, output: str, *, label_csv: str = "",
