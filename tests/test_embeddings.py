@@ -97,6 +97,9 @@ def test_embedding_api_takes_files_and_waveforms_at_any_rate(pretrained, corpus)
   assert np.isfinite(out["pooled"]).all()
   with pytest.raises(ValueError, match="waveform"):
     embedder.embed_waveforms([np.zeros((2, 3, 4))], sample_rate=16000)
+  pooled_only = embedder.embed_source([{"path": path, "audio": b""}])
+  assert set(pooled_only) == {"pooled", "failed"}  # patches stay on the device
+  np.testing.assert_allclose(pooled_only["pooled"], from_file["pooled"], rtol=1e-5, atol=1e-6)
 
 
 def test_fast_probe_separates_separable_classes():

@@ -127,7 +127,8 @@ class Embedder:
                                            classifier.input_grid(model_config, data_config))
     self.params = encoder_params
     self.batch_size = batch_size
-    self._forward = jax.jit(self._embed_batch, compiler_options=platform.compiler_options())
+    self._forward = jax.jit(self._embed_batch, static_argnames="with_patch",
+                            compiler_options=platform.compiler_options())
 
   @classmethod
   def from_workdir(cls, workdir: str, phase_id: str | None = None,
@@ -149,28 +150,28 @@ class Embedder:
       data.target_length = target_length
     return cls(model, data, tree["params"]["encoder"], batch_size)
 
-  def _embed_batch(self, params, waveforms, valid_frames):
+  def _embed_batch(self, params, waveforms, valid_frames, with_patch: bool):
     x = audio.features(waveforms, valid_frames, num_mel_bins=self.data.num_mel_bins,
                        target_length=self.data.target_length, mean=self.data.mean,
                        std=self.data.std, sample_rate=self.data.sample_rate)
     features, _, _ = self.encoder.apply({"params": params}, x, apply_mask=False)
     patch = features[:, 1:].astype(jnp.float32)
-    return patch, patch.mean(axis=1)
+    return {"patch": patch, "pooled": patch.mean(axis=1)} if with_patch else {
+        "pooled": patch.mean(axis=1)}
 
-  def embed_prepared(self, waveforms: np.ndarray, valid_frames: np.ndarray) -> dict:
-    """{'patch', 'pooled'} of `audio.pad_or_crop` waveforms (B, samples) and valid frames."""
+  def embed_prepared(self, waveforms: np.ndarray, valid_frames: np.ndarray,
+                     with_patch: bool = True) -> dict:
+    """{'pooled'[, 'patch']} of `audio.pad_or_crop` waveforms (B, samples) and valid frames
+    (without `with_patch` the patch embeddings are neither kept nor copied off the device)."""
     count = len(waveforms)
     pad = -count % self.batch_size
     waveforms = np.concatenate([waveforms, np.zeros((pad, *waveforms.shape[1:]), np.float32)])
     valid_frames = np.concatenate([np.asarray(valid_frames, np.int32), np.zeros(pad, np.int32)])
-    patches, pooled = [], []
-    for start in range(0, len(waveforms), self.batch_size):
-      batch = slice(start, start + self.batch_size)
-      patch, mean = jax.device_get(self._forward(self.params, waveforms[batch],
-                                                 valid_frames[batch]))
-      patches.append(patch)
-      pooled.append(mean)
-    return {"patch": np.concatenate(patches)[:count], "pooled": np.concatenate(pooled)[:count]}
+    outputs = [jax.device_get(self._forward(self.params, waveforms[start:start + self.batch_size],
+                                            valid_frames[start:start + self.batch_size],
+                                            with_patch=with_patch))
+               for start in range(0, len(waveforms), self.batch_size)]
+    return {key: np.concatenate([out[key] for out in outputs])[:count] for key in outputs[0]}
 
   def embed_waveforms(self, waveforms: Sequence[np.ndarray], sample_rate: int) -> dict:
     """{'patch' (B, L, D), 'pooled' (B, D)} of raw waveforms at `sample_rate` (resampled)."""
@@ -195,7 +196,7 @@ class Embedder:
     """
     result = {"failed": []}
     for indices, waves, valid, batch_failed in clip_batches(source, self.data, self.batch_size):
-      out = self.embed_prepared(waves, valid)
+      out = self.embed_prepared(waves, valid, with_patch=include_patch)
       if "pooled" not in result:
         result["pooled"] = np.empty((len(source), *out["pooled"].shape[1:]), np.float32)
         if include_patch:
