@@ -37,10 +37,6 @@ BATCH_KEYS = ("waveform", "valid_frames")
 STEPS_IN_FLIGHT = 2  # how far the host may run ahead of the device, in steps
 
 
-class NonFiniteTraining(ValueError):
-  """More updates than `max_nonfinite_updates` had a non-finite loss or gradient."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Phase:
   index: int
@@ -275,12 +271,8 @@ class Trainer:
     return code_cache.CodeReuse(cache, codes_fn, self.batch_sharding)
 
   def _check_finite(self, run: "PhaseRun") -> None:
-    skipped = int(run.state.skipped_updates)
-    if skipped > self.config.max_nonfinite_updates:
-      raise NonFiniteTraining(
-          f"{run.phase.id}: {skipped} updates had a non-finite loss or gradient "
-          f"(max_nonfinite_updates={self.config.max_nonfinite_updates}); stopped, the last "
-          "checkpoint holds the last good state")
+    steps.check_skipped_updates(run.phase.id, int(run.state.skipped_updates),
+                                self.config.max_nonfinite_updates)
 
   def _initial_state(self, phase, fresh, rng, handoff, groups, tx, shardings, cold_start):
     """Step 0 of a phase: handed-over params (or fresh ones), fresh optimizer."""

@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from bridle_jax import config_validation
 from bridle_jax import workdir as workdir_lib
 from bridle_jax import prepare as prepare_lib
+from bridle_jax.data import audio
 from bridle_jax.data import demo
 from bridle_jax.data import sources
 from bridle_jax.evaluate import finetune
@@ -157,6 +159,14 @@ class _Table:
     return values, np.concatenate([[0], np.cumsum([len(l) for l in self.labels])])
 
 
+def test_best_evaluation_skips_nan_and_takes_the_later_of_a_tie():
+  nan = float("nan")
+  evals = {5: {"mAP": nan}, 10: {"mAP": 0.2}, 15: {"mAP": 0.1}, 20: {"mAP": nan}}
+  assert finetune.best_step(evals, "mAP") == 10
+  assert finetune.best_step({5: {"mAP": 0.3}, 10: {"mAP": 0.3}}, "mAP") == 10
+  assert finetune.best_step({5: {"mAP": None}, 10: {"mAP": nan}}, "mAP") == 10
+
+
 def test_sample_weights_are_ast_inverse_label_frequencies():
   table = _Table([[0], [0], [0], [1], [0, 2], []])
   weights = finetune.sample_weights(table)
@@ -255,6 +265,41 @@ def test_finetuning_loss_falls_on_demo_data(corpus, tmp_path):
   # The head starts at ~0 (std 2e-5), so the loss starts at ln(10) = 2.303 nats.
   assert result["train"]["mean_loss_last_10pct"] < 2.2, result["train"]
   assert result["final"]["accuracy"] > 0.15  # on its training clips
+
+
+def test_a_non_finite_fine_tuning_step_leaves_the_classifier_and_is_counted(corpus, tmp_path):
+  config = _config(corpus, steps=3, batch_size=16)
+  tuner = _finetuner(config, tmp_path, "finetune", num_devices=1)
+  step_fn = tuner.train_step_fn(3, 0)
+  state = tuner.initial_state(0)
+  before = jax.tree.map(np.asarray, jax.device_get((state.params, state.opt_state)))
+  samples = audio.num_samples_for_frames(config.data.target_length, config.data.sample_rate)
+  batch = {"waveform": np.zeros((16, samples), np.float32), "valid_frames": np.full(16, 128, np.int32),
+           "label": np.eye(10, dtype=np.float32)[np.arange(16) % 10]}
+  poisoned = dict(batch, waveform=np.full_like(batch["waveform"], np.nan))
+  state, metrics = step_fn(state, tuner.device_batch(poisoned))
+  assert not np.isfinite(float(metrics["loss"])) and int(state.skipped_updates) == 1
+  after = jax.tree.map(np.asarray, jax.device_get((state.params, state.opt_state)))
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(x, y)
+  state, metrics = step_fn(state, tuner.device_batch(batch))
+  assert np.isfinite(float(metrics["loss"])) and int(state.skipped_updates) == 1
+  assert int(state.step) == 2
+
+
+def test_diverging_fine_tuning_stops_past_the_threshold(corpus, tmp_path):
+  """An lr that makes every update non-finite stops the run with an error naming the limit,
+  instead of finishing with the initial classifier and normal-looking metrics."""
+  result = _run_cli("--config=configs/finetune_audio.py:demo", f"--workdir={tmp_path}",
+                    "--config.data.demo_dir=", f"--config.data.manifest={corpus['train']}",
+                    f"--config.data.label_csv={corpus['label_csv']}",
+                    f"--config.data.eval_manifest={corpus['eval']}", "--config.finetune.lr=1e30",
+                    "--config.finetune.warmup_epochs=0", "--config.max_nonfinite_updates=2")
+  assert result.returncode == 2, result.stderr[-3000:]
+  last = result.stderr.splitlines()[-1]
+  assert re.match(r"error: finetune: \d+ updates had a non-finite loss or gradient "
+                  r"\(max_nonfinite_updates=2\)", last), last
+  assert not (tmp_path / "summary.json").exists()
 
 
 def test_preempted_fine_tuning_saves_and_resumes_to_the_same_result(corpus, tmp_path):

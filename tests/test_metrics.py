@@ -18,6 +18,24 @@ def test_average_precision_treats_tied_scores_as_one_threshold():
   assert np.isnan(metrics.average_precision([0, 0], [0.3, 0.1]))
 
 
+def test_infinite_scores_that_tie_form_one_threshold():
+  # inf, inf (one positive, one negative) tie: P 1/2 at R 1/2, then 2/3 at R 1.
+  assert metrics.average_precision([1, 0, 1, 0], [np.inf, np.inf, 0.5, 0.1]) == pytest.approx(
+      0.5 * 0.5 + 0.5 * 2 / 3)
+
+
+def test_non_finite_scores_give_nan_metrics_and_are_counted():
+  """A diverged classifier's NaN logits must not score like a real one (argmax of NaN rows
+  is class 0, and NaN sorts in index order)."""
+  labels = np.eye(3)[[0, 0, 0, 1, 2]]
+  scores = np.full((5, 3), np.nan)
+  scores[4] = [0.1, 0.2, 0.7]
+  result = metrics.classification_metrics(scores, labels)
+  assert result["nonfinite_clips"] == 4 and result["num_clips"] == 5
+  assert all(np.isnan(result[k]) for k in ("accuracy", "mAP", "mAUC", "d_prime"))
+  assert metrics.classification_metrics(labels + 0.5, labels)["nonfinite_clips"] == 0
+
+
 def test_roc_auc_and_d_prime_by_hand():
   # Positive-negative pairs ordered correctly: (0.9, 0.8), (0.9, 0.1), (0.7, 0.1); not (0.7, 0.8).
   assert metrics.roc_auc([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(0.75)
@@ -79,7 +97,10 @@ def test_kfold_splits_refuse_unusable_folds(folds, message):
     metrics.kfold_splits(folds)
 
 
-def test_mean_over_runs_averages_numeric_metrics():
-  mean = metrics.mean_over_runs([{"accuracy": 0.5, "mAP": 0.2, "note": "a"},
-                                 {"accuracy": 0.7, "mAP": 0.4, "note": "b"}])
-  assert mean == pytest.approx({"accuracy": 0.6, "mAP": 0.3})
+def test_mean_over_runs_averages_metrics_and_sums_clip_counts():
+  mean = metrics.mean_over_runs([
+      {"accuracy": 0.5, "mAP": 0.2, "note": "a", "num_clips": 40, "skipped_clips": 1},
+      {"accuracy": 0.7, "mAP": 0.4, "note": "b", "num_clips": 39, "skipped_clips": 0}])
+  assert mean == pytest.approx({"accuracy": 0.6, "mAP": 0.3, "num_clips": 79,
+                                "skipped_clips": 1})
+  assert isinstance(mean["num_clips"], int)

@@ -52,6 +52,7 @@ from bridle_jax.train import optim
 from bridle_jax.train import preemption
 from bridle_jax.train import sharding
 from bridle_jax.train import state as state_lib
+from bridle_jax.train import steps
 
 MODES = ("finetune", "probe")
 LOSSES = ("bce", "ce")
@@ -72,6 +73,7 @@ class ClassifierState:
   params: dict         # classifier params
   opt_state: Any       # optax state of the trainable subset
   rng: jax.Array
+  skipped_updates: jax.Array  # steps whose loss or gradient was not finite
 
 
 class SubsetSource:
@@ -193,8 +195,13 @@ def train_step(state: ClassifierState, batch: dict, *, model: nn.Module, feature
   direction = jax.tree.map(lambda d, s: d * s, direction, {k: scales[k] for k in trainable})
   lr = schedule(state.step)
   params = {**state.params, **optim.apply_direction(updated, direction, lr)}
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-  return new_state, {"loss": loss, "lr": lr, "grad_norm": optim.global_norm(grads)}
+  grad_norm = optim.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # As in pretraining, a non-finite loss or gradient leaves params and optimizer untouched.
+  params, opt_state = steps.if_finite(finite, (params, opt_state), (state.params, state.opt_state))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                            skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
+  return new_state, {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
 
 def eval_step(params: dict, batch: dict, *, model: nn.Module, features: Callable):
@@ -331,7 +338,7 @@ class Finetuner:
     trainable = trainable_keys(self.mode, params)
     return ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=self.tx.init({k: params[k] for k in trainable}),
-                           rng=state_rng)
+                           rng=state_rng, skipped_updates=jnp.zeros((), jnp.int32))
 
   def _pretrained_encoder(self) -> dict:
     """The init_from encoder params, restored straight into this mesh's shardings."""
@@ -436,7 +443,11 @@ class Finetuner:
             {k: host_batch[k] for k in BATCH_KEYS}))
         step += 1
         run_monitor.record(step, step_metrics)
-        if ckpt.should_save(step) or step == total:
+        due_save = ckpt.should_save(step) or step == total
+        if due_save or step % config.log_every == 0:
+          steps.check_skipped_updates(run_id, int(state.skipped_updates),
+                                      config.max_nonfinite_updates)
+        if due_save:
           run_monitor.sync()
           ckpt.save(step, state, iterator.get_state(), force=step == total)
         if step % eval_every == 0 or step == total:
@@ -455,10 +466,10 @@ class Finetuner:
     final.save(total, {"params": state.params}, None, force=True)
     final.close()
     key = primary_metric(config)
-    best_step = max(evals, key=lambda s: (evals[s][key], s))
+    best = best_step(evals, key)
     train_summary = run_monitor.finish()
     train_summary.update(skipped_clips=iterator.skipped_clips_of_all_hosts())
-    return {"final": evals[total], "best": evals[best_step], "best_step": best_step,
+    return {"final": evals[total], "best": evals[best], "best_step": best,
             "primary_metric": key, "train_clips": len(train_source),
             "eval_clips": len(eval_source), "evals": {str(s): evals[s] for s in sorted(evals)},
             "train": train_summary}
@@ -502,6 +513,15 @@ class Finetuner:
     result = metrics.classification_metrics(scores, labels)
     result["skipped_clips"] = skipped
     return result
+
+
+def best_step(evals: dict, key: str) -> int:
+  """The step of the best of `evals` ({step: metrics}) by metric `key`, the later one on a
+  tie; a NaN or missing value ranks last."""
+  def rank(step):
+    value = evals[step].get(key)
+    return (-math.inf if value is None or math.isnan(value) else value, step)
+  return max(evals, key=rank)
 
 
 def _padded_batch(batch: dict | None, size: int, source, data_config) -> dict:

@@ -6,8 +6,10 @@ are multi-hot (a label counts as present when > 0). Per-class AP is sklearn's
 forming one threshold. AUC is the Mann-Whitney statistic with ties counted half, as sklearn's
 `roc_auc_score`. A class without positives in the evaluated set has no AP (sklearn would give 0)
 and one without positives or without negatives no AUC; mAP and mAUC average over the classes
-that have them.
+that have them. Scores that are not finite (a diverged classifier) make every metric NaN.
 """
+import math
+
 import numpy as np
 from scipy import special
 
@@ -20,7 +22,7 @@ def average_precision(labels, scores) -> float:
     return float("nan")
   order = np.argsort(-scores, kind="stable")
   sorted_scores, hits = scores[order], positive[order]
-  last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(scores) - 1]
+  last_of_tie = np.r_[np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), len(scores) - 1]
   true_positives = np.cumsum(hits)[last_of_tie]
   precision = true_positives / (last_of_tie + 1)
   recall = true_positives / true_positives[-1]
@@ -53,16 +55,22 @@ def top1_accuracy(scores, labels) -> float:
 
 
 def classification_metrics(scores, labels) -> dict:
-  """accuracy, mAP, mAUC, d_prime and num_clips of (N, C) scores against (N, C) labels."""
+  """accuracy, mAP, mAUC, d_prime, num_clips and nonfinite_clips (clips with a NaN or
+  infinite score: when there are any, the metrics are NaN) of (N, C) scores against (N, C)
+  labels."""
   scores, labels = np.asarray(scores), np.asarray(labels)
   if scores.shape != labels.shape or scores.ndim != 2:
     raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be (N, C)")
+  nonfinite = int((~np.isfinite(scores)).any(axis=1).sum())
+  if nonfinite:
+    return {"accuracy": math.nan, "mAP": math.nan, "mAUC": math.nan, "d_prime": math.nan,
+            "num_clips": int(len(labels)), "nonfinite_clips": nonfinite}
   per_class_ap = [average_precision(labels[:, c], scores[:, c]) for c in range(labels.shape[1])]
   per_class_auc = [roc_auc(labels[:, c], scores[:, c]) for c in range(labels.shape[1])]
   mean_ap = _nanmean(per_class_ap)
   mean_auc = _nanmean(per_class_auc)
   return {"accuracy": top1_accuracy(scores, labels), "mAP": mean_ap, "mAUC": mean_auc,
-          "d_prime": d_prime(mean_auc), "num_clips": int(len(labels))}
+          "d_prime": d_prime(mean_auc), "num_clips": int(len(labels)), "nonfinite_clips": 0}
 
 
 def _nanmean(values) -> float:
@@ -89,7 +97,12 @@ def kfold_splits(folds) -> list[tuple[int, np.ndarray, np.ndarray]]:
           for fold in values]
 
 
+COUNT_KEYS = ("num_clips", "nonfinite_clips", "skipped_clips")  # summed over runs
+
+
 def mean_over_runs(results: list[dict]) -> dict:
-  """Mean of each numeric metric present in every dict of `results`."""
+  """Mean of each numeric metric present in every dict of `results`; clip counts
+  (`COUNT_KEYS`: the folds' evaluation sets together) are summed."""
   keys = [k for k in results[0] if all(isinstance(r.get(k), (int, float)) for r in results)]
-  return {key: float(np.mean([r[key] for r in results])) for key in keys}
+  return {key: (int(sum(r[key] for r in results)) if key in COUNT_KEYS else
+                float(np.mean([r[key] for r in results]))) for key in keys}

@@ -148,14 +148,31 @@ def train_step(state: TrainState, batch: dict, *, models: Models, loss_fn: Calla
   grad_norm = optim.global_norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   # A non-finite loss or gradient leaves params, optimizer and codebooks untouched.
-  keep_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  params, opt_state, codebooks = if_finite(finite, (params, opt_state, codebooks),
+                                           (state.params, state.opt_state, state.codebooks))
   metrics.update(lr=lr, grad_norm=grad_norm)
   new_state = state.replace(
-      step=state.step + 1, rng=rng,
-      params=keep_finite(params, state.params), opt_state=keep_finite(opt_state, state.opt_state),
-      codebooks=keep_finite(codebooks, state.codebooks),
+      step=state.step + 1, rng=rng, params=params, opt_state=opt_state, codebooks=codebooks,
       skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
   return new_state, metrics, stats.counts
+
+
+def if_finite(finite, new, old):
+  """`new` where the step's loss and gradient were finite, else `old` (pytrees alike)."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+class NonFiniteTraining(ValueError):
+  """More updates than `max_nonfinite_updates` had a non-finite loss or gradient."""
+
+
+def check_skipped_updates(run_id: str, skipped: int, limit: int) -> None:
+  """Raises NonFiniteTraining once more than `limit` updates of a run were skipped."""
+  if skipped > limit:
+    raise NonFiniteTraining(
+        f"{run_id}: {skipped} updates had a non-finite loss or gradient "
+        f"(max_nonfinite_updates={limit}); stopped, the last checkpoint holds the last good "
+        "state")
 
 
 def codes_step(state: TrainState, batch: dict, *, models: Models, cold_start: bool):
