@@ -11,6 +11,8 @@ import os
 import flax.linen as nn
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
 
 from bridle_jax import files
 from bridle_jax.models import quantizer
@@ -175,6 +177,24 @@ def restore_final(directory: str, abstract: dict) -> dict:
   finally:
     ckpt.close()
   return tree
+
+
+def restore_final_as_saved(directory: str) -> dict:
+  """A final checkpoint's tree with the shapes and dtypes it was saved with, on this
+  process's first device: for readers that build no model (exports)."""
+  ckpt = checkpoint.PhaseCheckpointer(directory, save_every=1, keep=1, async_save=False)
+  try:
+    step = ckpt.latest_step()
+  finally:
+    ckpt.close()
+  if step is None:
+    raise FileNotFoundError(f"{directory}: no finished checkpoint")
+  saved = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(directory) / str(step) / "state")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          dict(saved))
+  return restore_final(directory, abstract)
 
 
 def load_pretrained(workdir: str, phase_id: str | None = None):

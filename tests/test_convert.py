@@ -20,12 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bridle_jax import prepare as prepare_lib
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.convert import from_torch
 from bridle_jax.convert import to_torch
+from bridle_jax.data import demo as demo_data
+from bridle_jax.evaluate import finetune
+from bridle_jax.models import classifier as classifier_lib
 from bridle_jax.models import quantizer
 from bridle_jax.train import state as state_lib
 from configs import audio
+from configs import finetune_audio
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(__file__).resolve().parent / "data"
@@ -436,6 +441,53 @@ def test_from_torch_names_the_key_on_a_config_mismatch(demo, exported):
   del state["tokenizer.norm.bias"]
   with pytest.raises(ValueError, match=r"missing \['tokenizer\.norm\.bias'\]"):
     from_torch.from_state_dict(state, config)
+
+
+def test_a_fine_tuned_classifier_exports_with_its_trained_head(trained_workdir, tmp_path):
+  """Fine-tuned from the trained workdir on shorter clips (its pos rows come from the
+  pretraining table), the classifier loads strictly into the reference fine-tuning ViT and
+  gives the same logits."""
+  torch, torch_reference = _torch_reference()
+  corpus = demo_data.write_demo_corpus(tmp_path / "corpus", clips_per_class=2,
+                                       eval_clips_per_class=1)
+  config = finetune_audio.get_config("demo")
+  config.data.update(demo_dir="", manifest=corpus["train"], label_csv=corpus["label_csv"],
+                     eval_manifest=corpus["eval"])
+  config.init_from = str(trained_workdir)
+  config.finetune.steps = 2
+  workdir = tmp_path / "finetuned"
+  prepare_lib.prepare(config, str(workdir))
+  finetune.run(config, str(workdir), "finetune")
+
+  output = tmp_path / "classifier.pth"
+  result = _run("bridle_jax.convert.to_torch", f"--workdir={workdir}", f"--output={output}")
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout)
+  assert report["run"] == "finetune" and report["classifier"]["num_classes"] == 10
+  state = _torch_state(torch, str(output))
+  saved = workdir_lib.load_config(str(workdir))
+  model = torch_reference.finetune_model(saved, num_classes=10).eval()
+  loaded = model.load_state_dict(state, strict=True)
+  assert not loaded.missing_keys and not loaded.unexpected_keys
+
+  params = workdir_lib.restore_final_as_saved(
+      str(workdir / "checkpoints" / "finetune_final"))["params"]
+  np.testing.assert_array_equal(state["head.weight"].numpy(), np.asarray(params["head"]["kernel"]).T)
+  assert np.abs(state["head.weight"].numpy()).mean() > 1e-3  # trained, not the 2e-5 init
+  x = np.random.default_rng(0).standard_normal(
+      (2, saved.data.target_length, saved.data.num_mel_bins)).astype(np.float32)
+  classifier = classifier_lib.classifier_from_config(
+      saved.model, saved.finetune, classifier_lib.input_grid(saved.model, saved.data), 10)
+  ours = np.asarray(classifier.apply({"params": params}, x, train=False))
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(x)[:, None]).numpy()
+  assert _rel_err(ours, theirs) <= REL_TOL
+
+  for args, message in ((["--run=fold1"], "run 'fold1' is not a finished run"),
+                        (["--phase=p1_encoder"], "it has runs, not phases")):
+    refused = _run("bridle_jax.convert.to_torch", f"--workdir={workdir}",
+                   f"--output={tmp_path / 'x.pth'}", *args)
+    assert refused.returncode == 2 and message in refused.stderr.splitlines()[-1]
 
 
 def test_commands_without_torch_print_the_install_hint(tmp_path):

@@ -2,8 +2,11 @@
 
   python -m bridle_jax.convert.to_torch --workdir=DIR --output=bridle.pth [--phase=p3_encoder]
       [--finetune_output=FILE] [--num_classes=527] [--seed=0]
+  python -m bridle_jax.convert.to_torch --workdir=FINETUNE_DIR --output=classifier.pth
+      [--run=fold1]
 
-writes (float32 tensors, key names, shapes and order of official_impl.md Appendix A / B):
+From a pretraining workdir it writes (float32 tensors, key names, shapes and order of
+official_impl.md Appendix A / B):
   bridle.pth                   {'model': state dict} of the official pretraining `BRIDLE`
                                (encoder_decoder.* + tokenizer.*; 644 keys for audio ViT-B)
   bridle.safetensors           the same tensors
@@ -30,10 +33,16 @@ pools the block outputs and applies a new `fc_norm`) and adds the new keys with 
 fine-tuning initialisation: `fc_norm` weight 1 / bias 0, `head` of --num_classes rows with a
 N(0, 2e-5) weight (timm's trunc_normal_ bounds, +-2, never bind at that std; --seed seeds it)
 and a zero bias.
+
+From a fine-tuning or probe workdir (`--mode=finetune|probe`) it writes the trained
+classifier of a finished run (`--run`, needed when there are several, as with k-fold) in the
+official fine-tuning ViT layout, with its trained `fc_norm` and `head`: `classifier.pth`
+and its `.safetensors` copy, for `model/vit.py` with strict=True at the run's input length.
 """
 import collections
 import os
 
+import jax
 import numpy as np
 from absl import app
 from absl import flags
@@ -41,8 +50,10 @@ from absl import flags
 from bridle_jax import convert
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.convert import layout
+from bridle_jax.train import checkpoint
 
 HEAD_INIT_STD = 2e-5
+FINETUNE_MODES = ("finetune", "probe")
 
 def _codebook_tensor(entry: layout.CodebookEntry, codebooks) -> np.ndarray:
   rows = np.asarray(codebooks.codebooks[entry.stage], np.float32)
@@ -86,6 +97,18 @@ def finetune_state_dict(config, params: dict, num_classes: int = 527,
   return state
 
 
+def classifier_state_dict(config, params: dict) -> dict[str, np.ndarray]:
+  """A fine-tuned classifier's params -> the official fine-tuning ViT state dict."""
+  state = collections.OrderedDict(
+      (entry.key, _entry_tensor(entry, {"encoder": params}))
+      for entry in layout.finetune_backbone_layout(config))
+  state["fc_norm.weight"] = np.asarray(params["fc_norm"]["scale"], np.float32)
+  state["fc_norm.bias"] = np.asarray(params["fc_norm"]["bias"], np.float32)
+  state["head.weight"] = np.asarray(params["head"]["kernel"], np.float32).T
+  state["head.bias"] = np.asarray(params["head"]["bias"], np.float32)
+  return state
+
+
 def save_state_dict(state: dict[str, np.ndarray], path: str) -> str:
   """Writes `path` ({'model': tensors}) and the .safetensors copy next to it; returns the
   latter's path."""
@@ -110,14 +133,23 @@ def finetune_path(output: str) -> str:
 
 def export(workdir: str, output: str, phase_id: str | None = None,
            finetune_output: str | None = None, num_classes: int = 527,
-           seed: int = 0) -> dict:
-  """Exports phase `phase_id` (default: the last finished) of `workdir`; returns a summary
-  with the written paths."""
+           seed: int = 0, run_id: str | None = None) -> dict:
+  """Exports phase `phase_id` (default: the last finished) of a pretraining `workdir`, or
+  run `run_id` of a fine-tuning one; returns a summary with the written paths."""
   for path in (output, finetune_output):
     if path and path.endswith(".safetensors"):
       raise ValueError(f"{path}: name the .pth file; the .safetensors copy goes next to it")
   convert.import_optional("torch")
   convert.import_optional("safetensors.torch")
+  config = workdir_lib.load_config(workdir)
+  if config.get("mode") in FINETUNE_MODES:
+    if phase_id or finetune_output:
+      raise ValueError(f"{workdir} is a {config.mode} workdir: it has runs, not phases; "
+                       "name one with --run (--phase and --finetune_output are for "
+                       "pretraining workdirs)")
+    return export_classifier(workdir, config, output, run_id)
+  if run_id:
+    raise ValueError(f"{workdir} is a pretraining workdir: name a phase with --phase")
   config, _, tree = workdir_lib.load_pretrained(workdir, phase_id)
   phase_id = phase_id or workdir_lib.finished_phases(workdir)[-1]
   pretrain = pretrain_state_dict(config, tree)
@@ -133,6 +165,31 @@ def export(workdir: str, output: str, phase_id: str | None = None,
   }
 
 
+def export_classifier(workdir: str, config, output: str, run_id: str | None = None) -> dict:
+  """Writes the trained classifier of finished run `run_id` (default: the only one)."""
+  finished = sorted(checkpoint.read_progress(workdir).get("runs", {}))
+  with_weights = [r for r in finished if os.path.isdir(_classifier_dir(workdir, r))]
+  if run_id is None:
+    if len(with_weights) != 1:
+      raise ValueError(f"{workdir}: " + (f"name the run to export with --run (one of "
+                                         f"{', '.join(with_weights)})" if with_weights else
+                                         "no finished run with trained weights (a fast probe "
+                                         "keeps none)"))
+    run_id = with_weights[0]
+  elif run_id not in with_weights:
+    raise FileNotFoundError(f"{workdir}: run {run_id!r} is not a finished run with trained "
+                            f"weights (those are: {', '.join(with_weights) or 'none'})")
+  params = workdir_lib.restore_final_as_saved(_classifier_dir(workdir, run_id))["params"]
+  state = classifier_state_dict(config, jax.tree.map(np.asarray, params))
+  return {"workdir": workdir, "run": run_id,
+          "classifier": {"pth": output, "safetensors": save_state_dict(state, output),
+                         "keys": len(state), "num_classes": int(state["head.bias"].shape[0])}}
+
+
+def _classifier_dir(workdir: str, run_id: str) -> str:
+  return os.path.join(workdir, "checkpoints", f"{run_id}_final")
+
+
 def define_flags() -> None:
   """The command's flags (defined only when run as a command: absl flags are global)."""
   flags.DEFINE_string("workdir", None, "Training workdir to export from.")
@@ -145,6 +202,8 @@ def define_flags() -> None:
       "'_finetune' before the extension); its .safetensors copy goes next to it.")
   flags.DEFINE_integer("num_classes", 527, "Rows of the new fine-tuning head.")
   flags.DEFINE_integer("seed", 0, "Seed of the fine-tuning head's random weight.")
+  flags.DEFINE_string("run", None, "Of a fine-tuning workdir: the finished run (fold) to "
+                      "export (default: the only one).")
   flags.mark_flags_as_required(["workdir", "output"])
 
 
@@ -153,7 +212,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
   convert.run_command(lambda: export(f.workdir, f.output, f.phase, f.finetune_output,
-                                     f.num_classes, f.seed))
+                                     f.num_classes, f.seed, f.run))
 
 
 if __name__ == "__main__":
