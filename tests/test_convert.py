@@ -488,6 +488,10 @@ def test_a_fine_tuned_classifier_exports_with_its_trained_head(trained_workdir, 
     refused = _run("bridle_jax.convert.to_torch", f"--workdir={workdir}",
                    f"--output={tmp_path / 'x.pth'}", *args)
     assert refused.returncode == 2 and message in refused.stderr.splitlines()[-1]
+  same = _run("bridle_jax.convert.to_torch", f"--workdir={trained_workdir}",
+              f"--output={tmp_path / 'b.pth'}", f"--finetune_output={tmp_path / 'b.pth'}")
+  assert same.returncode == 2 and "name two files" in same.stderr.splitlines()[-1]
+  assert not (tmp_path / "b.pth").exists()
 
 
 def test_commands_without_torch_print_the_install_hint(tmp_path):

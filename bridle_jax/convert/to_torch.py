@@ -155,6 +155,8 @@ def export(workdir: str, output: str, phase_id: str | None = None,
   pretrain = pretrain_state_dict(config, tree)
   finetune = finetune_state_dict(config, tree["params"], num_classes, seed)
   finetune_output = finetune_output or finetune_path(output)
+  if os.path.abspath(finetune_output) == os.path.abspath(output):
+    raise ValueError(f"--finetune_output {finetune_output} is --output too; name two files")
   return {
       "workdir": workdir, "phase": phase_id,
       "pretrain": {"pth": output, "safetensors": save_state_dict(pretrain, output),
