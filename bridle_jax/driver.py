@@ -69,8 +69,7 @@ class Trainer:
     abstract = workdir_lib.abstract_pretrained(self.models)
     self.handoff_shardings = sharding.shardings_for(abstract, self.mesh, config.sharding_rules)
     self.handoff_abstract = sharding.with_shardings(nn.unbox(abstract), self.handoff_shardings)
-    self.init_from_phases = (workdir_lib.finished_phases(config.init_from)
-                             if config.init_from else [])
+    self.init_from_phases = workdir_lib.init_from_phases(workdir, config)
     self.preemption = preemption.PreemptionNotice()
     self.loss_histories = {}  # phase id -> [(step, loss)] of the phases this trainer ran
 
@@ -89,6 +88,9 @@ class Trainer:
       workdir_lib.check_compatible(self.config, self.config.init_from, fields=("model",))
     workdir_lib.save_config(self.config, self.workdir)
     progress = checkpoint.read_progress(self.workdir)
+    if "init_from_phases" not in progress:
+      progress["init_from_phases"] = self.init_from_phases
+      checkpoint.write_progress(self.workdir, progress)
     completed = progress.setdefault("completed", [])
     summaries = progress.setdefault("phases", {})
     for kind in dict.fromkeys(p.kind for p in phases(self.config) if p.id not in completed):

@@ -144,6 +144,16 @@ def finished_phases(workdir: str) -> list[str]:
   return checkpoint.read_progress(workdir).get("completed", [])
 
 
+def init_from_phases(workdir: str, config) -> list[str]:
+  """The finished phases of `config.init_from` that the run in `workdir` starts from: those
+  recorded in its progress.json when it first started (a resume ignores phases init_from
+  finished since, which would change a started phase's targets), else init_from's now."""
+  recorded = checkpoint.read_progress(workdir).get("init_from_phases")
+  if recorded is not None:
+    return list(recorded)
+  return finished_phases(config.init_from) if config.get("init_from") else []
+
+
 def final_dir(workdir: str, phase_id: str) -> str:
   return os.path.join(workdir, "checkpoints", f"{phase_id}_final")
 

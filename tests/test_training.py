@@ -15,6 +15,7 @@ from bridle_jax import driver
 from bridle_jax import prepare as prepare_lib
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import demo
+from bridle_jax.evaluate import verdict
 from bridle_jax.train import preemption
 from configs import audio as audio_config
 
@@ -237,6 +238,25 @@ def test_init_from_starts_from_another_workdirs_last_phase(corpus, uninterrupted
   run = trainer.setup_phase(phase, start)
   _assert_trees_equal(_host(run.state.params), _host(final["params"]))
   _assert_trees_equal(_host(run.state.codebooks), _host(final["codebooks"]))
+
+
+def test_a_resumed_run_keeps_the_init_from_phases_it_started_from(corpus, uninterrupted,
+                                                                   tmp_path):
+  """init_from finishing a tokenizer phase after this run started must not turn its later
+  encoder phases (or a resumed one) away from the cold-start tokenizer."""
+  init_from = tmp_path / "init_from"
+  shutil.copytree(uninterrupted, init_from)
+  progress = json.loads((init_from / "progress.json").read_text())
+  (init_from / "progress.json").write_text(json.dumps(dict(progress, completed=["p1_encoder"])))
+  config = _config(corpus, tmp_path / "run", rounds=("encoder",), steps=2)
+  config.init_from = str(init_from)
+  driver.Trainer(config, str(tmp_path / "run")).run()
+  (init_from / "progress.json").write_text(json.dumps(progress))  # p2_tokenizer finished since
+  config.rounds = ("encoder", "encoder")
+  trainer = driver.Trainer(config, str(tmp_path / "run"))
+  assert trainer.init_from_phases == ["p1_encoder"]
+  assert trainer.uses_cold_start(driver.phases(config)[1])
+  assert verdict._uses_cold_start(str(tmp_path / "run"), config)  # pylint: disable=protected-access
 
 
 def test_load_pretrained_reads_the_last_finished_phase(uninterrupted):

@@ -37,9 +37,8 @@ def _demo_sources(config) -> dict:
 
 def _uses_cold_start(workdir: str, pretrain_config) -> bool:
   """True when no tokenizer was trained up to the last finished phase (here or in init_from)."""
-  phase_ids = workdir_lib.finished_phases(workdir)
-  if pretrain_config.get("init_from"):
-    phase_ids = workdir_lib.finished_phases(pretrain_config.init_from) + phase_ids
+  phase_ids = (workdir_lib.init_from_phases(workdir, pretrain_config)
+               + workdir_lib.finished_phases(workdir))
   return not any(phase_id.split("_", 1)[1] in TOKENIZER_KINDS for phase_id in phase_ids)
 
 
