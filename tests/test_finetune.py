@@ -1,8 +1,10 @@
 """Fine-tuning: layer decay, drop path, pretrained loading, samplers, probe, training, k-fold."""
+import copy
 import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,16 +18,20 @@ import pytest
 from bridle_jax import config_validation
 from bridle_jax import workdir as workdir_lib
 from bridle_jax import prepare as prepare_lib
+from bridle_jax.convert import from_torch
 from bridle_jax.data import audio
 from bridle_jax.data import demo
 from bridle_jax.data import sources
 from bridle_jax.evaluate import finetune
 from bridle_jax.evaluate import layer_decay
 from bridle_jax.models import classifier as classifier_lib
+from bridle_jax.models import quantizer
 from bridle_jax.models import layers
 from bridle_jax.models.pos_embed import audio_pos_embed
 from bridle_jax.models import vit
+from bridle_jax.train import checkpoint
 from bridle_jax.train import preemption
+from bridle_jax.train import state as state_lib
 from configs import audio as audio_config
 from configs import finetune_audio
 
@@ -287,6 +293,27 @@ def test_a_non_finite_fine_tuning_step_leaves_the_classifier_and_is_counted(corp
   assert int(state.step) == 2
 
 
+def test_an_evaluation_missed_at_a_saved_step_is_run_on_resume(corpus, tmp_path, monkeypatch):
+  """The step-5 checkpoint commits before its evaluation; a run that dies in between (here
+  the evaluation raises) evaluates step 5 when it resumes there."""
+  config = _config(corpus, steps=10, batch_size=16, eval_every_epochs=1)  # 5 steps an epoch
+  config.checkpoint_every = 5
+  tuner = _finetuner(config, tmp_path, "finetune", num_devices=1)
+  evaluate = finetune.Finetuner._evaluate_into  # pylint: disable=protected-access
+
+  def dies_at_step_5(self, evals, run_id, step, params, source):
+    if step == 5:
+      raise OSError("killed during the evaluation")
+    evaluate(self, evals, run_id, step, params, source)
+
+  monkeypatch.setattr(finetune.Finetuner, "_evaluate_into", dies_at_step_5)
+  with pytest.raises(OSError, match="killed"):
+    tuner.train_and_evaluate("finetune", 0, tuner.source, tuner.source)
+  monkeypatch.setattr(finetune.Finetuner, "_evaluate_into", evaluate)
+  result = tuner.train_and_evaluate("finetune", 0, tuner.source, tuner.source)
+  assert sorted(result["evals"], key=int) == ["5", "10"]
+
+
 def test_diverging_fine_tuning_stops_past_the_threshold(corpus, tmp_path):
   """An lr that makes every update non-finite stops the run with an error naming the limit,
   instead of finishing with the initial classifier and normal-looking metrics."""
@@ -424,6 +451,29 @@ def test_probes_do_not_mask_and_fine_tuning_masks_rows_and_columns(variant):
   ft = finetune_audio.get_config(variant).finetune
   masked = (ft.mask_t_prob, ft.mask_f_prob) != (0.0, 0.0)
   assert masked == (finetune_audio.RECIPES[variant][1] == "finetune")
+
+
+def test_runs_of_a_workdir_keep_the_init_from_phase_they_started_from(corpus, tmp_path):
+  """With init_phase left empty, a rerun (later folds, a resume) takes the phase the first
+  run took, not one init_from finished since; summary.json names it."""
+  pretrain = audio_config.get_config("demo")
+  models = state_lib.build_models(pretrain)
+  tree = {"params": nn.unbox(state_lib.init_params(models, jax.random.PRNGKey(0))),
+          "codebooks": quantizer.init(models.quantizer, jax.random.PRNGKey(1))}
+  init_from = tmp_path / "pretrained"
+  from_torch.write_workdir(str(init_from), pretrain, tree, "p1_encoder", source="test")
+  shutil.copytree(init_from / "checkpoints" / "p1_encoder_final",
+                  init_from / "checkpoints" / "p2_tokenizer_final")
+  config = _config(corpus, steps=1, eval_every_epochs=100)
+  config.init_from = str(init_from)
+  workdir = str(tmp_path / "finetune")
+  prepare_lib.prepare(config, workdir)
+  assert finetune.run(copy.deepcopy(config), workdir, "finetune")["init_phase"] == "p1_encoder"
+  checkpoint.write_progress(str(init_from), {"completed": ["p1_encoder", "p2_tokenizer"]})
+  assert finetune.run(copy.deepcopy(config), workdir, "finetune")["init_phase"] == "p1_encoder"
+  other = str(tmp_path / "new")
+  prepare_lib.prepare(config, other)
+  assert finetune.run(copy.deepcopy(config), other, "finetune")["init_phase"] == "p2_tokenizer"
 
 
 def test_shorter_fine_tuning_clips_take_pos_rows_of_the_pretraining_table(tmp_path):

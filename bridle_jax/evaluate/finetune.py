@@ -266,6 +266,15 @@ def _init_phase(config) -> str:
   return phase
 
 
+def _started_init_phase(workdir: str) -> str:
+  """The init_from phase a resumed workdir's runs started from ("" for a new workdir): an
+  empty init_phase means init_from's last phase when the first run started, so that folds
+  run later do not take a phase init_from finished since."""
+  if not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+    return ""
+  return workdir_lib.load_config(workdir).get("init_phase", "")
+
+
 def _open_eval_source(config, train_source):
   data = copy.deepcopy(config.data)
   data.manifest = config.data.eval_manifest
@@ -433,6 +442,9 @@ class Finetuner:
                  self.mode, total, steps_per_epoch, ft.batch_size, len(train_source),
                  len(eval_source))
     step = int(state.step)
+    if step and (step % eval_every == 0 or step == total) and step not in evals:
+      # Saved at an evaluation step, stopped before that evaluation was recorded.
+      self._evaluate_into(evals, run_id, step, state.params, eval_source)
     run_monitor = monitor.PhaseMonitor(self.workdir, run_id, total, ft.batch_size,
                                        config.log_every, config.log_every,
                                        is_writer=jax.process_index() == 0, start_step=step)
@@ -457,8 +469,6 @@ class Finetuner:
           ckpt.save(step, state, iterator.get_state(), force=True)
           ckpt.wait()
           raise preemption.Preempted(preemption.stop_message(run_id, step, total))
-    if total not in evals:  # resumed from the last checkpoint before its evaluation
-      self._evaluate_into(evals, run_id, total, state.params, eval_source)
     ckpt.wait()
     ckpt.close()
     final = checkpoint.PhaseCheckpointer(self._final_dir(run_id), save_every=1, keep=1,
@@ -545,7 +555,8 @@ def _format(result: dict) -> str:
 
 def summarise(config, mode: str, results: dict) -> dict:
   """summary.json: every run's results and, for k-fold, the mean over folds."""
-  summary = {"mode": mode, "primary_metric": primary_metric(config), "runs": results}
+  summary = {"mode": mode, "primary_metric": primary_metric(config),
+             "init_from": config.init_from, "init_phase": config.init_phase, "runs": results}
   if config.finetune.kfold:
     summary["mean_final"] = metrics.mean_over_runs([r["final"] for r in results.values()])
     summary["mean_best"] = metrics.mean_over_runs([r["best"] for r in results.values()])
@@ -596,6 +607,8 @@ def run(config, workdir: str, mode: str | None = None) -> dict:
   validate(config, mode)
   if config.init_from:
     adopt_pretrained_architecture(config)
+    if not config.init_phase:
+      config.init_phase = _started_init_phase(workdir) or _init_phase(config)
   else:
     logging.warning("init_from is empty: the classifier starts from random weights")
   config_validation.validate_config(config)
