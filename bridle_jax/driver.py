@@ -354,8 +354,10 @@ def train(config, workdir: str) -> dict:
   A demo run (`data.demo_dir` set) ends with a verdict: a probe of the pretrained
   encoder against a randomly initialised one, merged into summary.json.
   """
-  summary = Trainer(config, workdir).run()
+  trainer = Trainer(config, workdir)
+  summary = trainer.run()
   if config.data.demo_dir:
+    trainer.preemption.stop_if_requested("the demo verdict: preempted before it ran")
     summary.update(verdict.run_verdict(config, workdir))
     monitor.write_summary(workdir, summary)
   return summary

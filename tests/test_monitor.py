@@ -185,6 +185,19 @@ def test_tensorboard_keeps_every_step_across_a_checkpoint_and_resume(tmp_path):
   assert sorted(steps) == list(range(1, 13))  # each step once
 
 
+def test_usage_scalars_of_a_checkpoint_step_are_on_disk_after_sync(tmp_path):
+  """Step 4 logs, then records usage, then checkpoints (sync with nothing new to fetch): a
+  kill right after must not lose the usage points, which a resumed run never rewrites."""
+  monitor = monitor_lib.PhaseMonitor(str(tmp_path), "encoder_r1", total_steps=8,
+                                     global_batch_size=2, log_every=4, usage_every=4)
+  for step in range(1, 5):
+    monitor.record(step, {"loss": jnp.float32(step)})
+  monitor.record_codebook_usage(4, jnp.array([[3, 3, 3, 3]]))
+  monitor.sync()  # the process is killed here: the writer is never closed
+  scalars = _read_scalars(tmp_path / "tensorboard" / "encoder_r1")
+  assert scalars["encoder_r1/codebook0_used"] == [(4, pytest.approx(1.0))]
+
+
 def test_a_fresh_phase_discards_an_old_history(tmp_path):
   _run_phase(tmp_path, 5)
   summary = _run_phase(tmp_path, 3)

@@ -172,6 +172,23 @@ def test_a_notice_between_phases_stops_before_the_next_one(corpus, tmp_path, mon
   assert not workdir_lib.has_phase_checkpoint(str(tmp_path), "p2_tokenizer")
 
 
+def test_a_notice_after_the_last_phase_stops_before_the_demo_verdict(corpus, tmp_path,
+                                                                      monkeypatch):
+  config = _config(corpus, tmp_path, rounds=("encoder",), steps=2)
+  config.data.demo_dir = str(tmp_path / "demo_data")  # a demo run: the verdict follows
+  run = driver.Trainer.run
+
+  def noticed_at_the_end(self):
+    result = run(self)
+    self.preemption._on_signal(signal.SIGTERM, None)  # pylint: disable=protected-access
+    return result
+
+  monkeypatch.setattr(driver.Trainer, "run", noticed_at_the_end)
+  monkeypatch.setattr(verdict, "run_verdict", lambda *args: pytest.fail("verdict ran"))
+  with pytest.raises(preemption.Preempted, match="the demo verdict: preempted before it ran"):
+    driver.train(config, str(tmp_path))
+
+
 @pytest.mark.parametrize("field,value,expected", [
     ("tokenizer_phase.batch_size", 12,
      r"^tokenizer_phase.batch_size=12 is not divisible by the 8 data-parallel devices"),

@@ -177,10 +177,13 @@ class PhaseMonitor:
     their TensorBoard scalars.
 
     The train loop calls it before saving a checkpoint, so the history and the event
-    file hold every step the checkpoint does (a resumed run hides the later ones).
+    file hold every step the checkpoint does (a resumed run hides the later ones), codebook
+    usage scalars included.
     """
     new = self._pending[self._fetched:]
     if not new:
+      if self._writer is not None:
+        self._writer.flush()
       return
     values = jax.device_get([metrics for _, metrics in new])
     self._pending[self._fetched:] = [(step, v) for (step, _), v in zip(new, values)]
