@@ -248,6 +248,18 @@ def test_an_eval_pass_keeps_every_clip_in_order_whatever_the_workers(clips):
                                 np.arange(NUM_CLIPS))
 
 
+def test_a_position_saved_over_other_data_is_refused(clips):
+  stream = pipeline.DataStream(clips, _data_config(), global_batch_size=4, seed=1)
+  next(stream)
+  saved = json.loads(json.dumps(stream.get_state()))
+  fewer = ListSource(clips[:-4])
+  with pytest.raises(ValueError, match=rf"^data.manifest: .* saved over {len(clips)} clips, "
+                                       rf"and the data now has {len(clips) - 4}"):
+    pipeline.DataStream(fewer, _data_config(), global_batch_size=4, seed=1, saved=saved)
+  del saved["num_clips"]  # a position saved before the count was kept still resumes
+  pipeline.DataStream(clips, _data_config(), global_batch_size=4, seed=1, saved=saved)
+
+
 def test_a_stream_resumes_with_the_worker_count_it_was_saved_with(clips, monkeypatch):
   cfg = _data_config(num_workers=-1)
   monkeypatch.setattr(pipeline, "host_cores", lambda: 3)  # 2 workers

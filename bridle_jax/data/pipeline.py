@@ -211,13 +211,20 @@ class DataStream:
   from a saved position uses it again: with `data.num_workers=-1` a run resumes on a
   machine with another core count; an explicit count that differs is refused. The
   position also holds `skipped_clips`, the unreadable clips this host's batches skipped
-  so far, so the count survives a resume.
+  so far, so the count survives a resume, and the number of clips of the source: a
+  position saved over another corpus (a changed data.manifest) is refused, as it would
+  resume a different order over different clips, and a phase's step count with it.
   """
 
   def __init__(self, source: Sequence[dict], data_config, *, global_batch_size: int, seed: int,
                saved: dict | None = None, mixup_source: Sequence[dict] | None = None,
                shuffle: bool = True):
     self.workers = worker_count(data_config.num_workers)
+    self.num_clips = len(source)
+    if saved is not None and saved.get("num_clips", self.num_clips) != self.num_clips:
+      raise ValueError(f"data.manifest: this run's data position was saved over "
+                       f"{saved['num_clips']} clips, and the data now has {self.num_clips}; "
+                       "resume with the data it started with, or use another --workdir")
     if saved is not None and saved["workers"] != self.workers:
       if data_config.num_workers != -1:
         raise ValueError(f"data.num_workers: this run's data position was saved with "
@@ -245,7 +252,7 @@ class DataStream:
 
   def get_state(self) -> dict:
     return {"workers": self.workers, "iterator": self._iterator.get_state(),
-            "skipped_clips": self.skipped_clips}
+            "skipped_clips": self.skipped_clips, "num_clips": self.num_clips}
 
   def skipped_clips_of_all_hosts(self) -> int:
     """`skipped_clips` summed over the hosts (each skips its own; every host calls this)."""
