@@ -266,13 +266,14 @@ def _init_phase(config) -> str:
   return phase
 
 
-def _started_init_phase(workdir: str) -> str:
-  """The init_from phase a resumed workdir's runs started from ("" for a new workdir): an
-  empty init_phase means init_from's last phase when the first run started, so that folds
-  run later do not take a phase init_from finished since."""
+def _started_init_phase(workdir: str, init_from: str) -> str:
+  """The phase of `init_from` a resumed workdir's runs started from ("" for a new workdir
+  or another init_from): an empty init_phase means init_from's last phase when the first
+  run started, so that folds run later do not take a phase init_from finished since."""
   if not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
     return ""
-  return workdir_lib.load_config(workdir).get("init_phase", "")
+  saved = workdir_lib.load_config(workdir)
+  return saved.get("init_phase", "") if saved.get("init_from") == init_from else ""
 
 
 def _open_eval_source(config, train_source):
@@ -608,7 +609,7 @@ def run(config, workdir: str, mode: str | None = None) -> dict:
   if config.init_from:
     adopt_pretrained_architecture(config)
     if not config.init_phase:
-      config.init_phase = _started_init_phase(workdir) or _init_phase(config)
+      config.init_phase = _started_init_phase(workdir, config.init_from) or _init_phase(config)
   else:
     logging.warning("init_from is empty: the classifier starts from random weights")
   config_validation.validate_config(config)
