@@ -472,7 +472,8 @@ def test_a_fine_tuned_classifier_exports_with_its_trained_head(trained_workdir, 
 
   params = workdir_lib.restore_final_as_saved(
       str(workdir / "checkpoints" / "finetune_final"))["params"]
-  np.testing.assert_array_equal(state["head.weight"].numpy(), np.asarray(params["head"]["kernel"]).T)
+  np.testing.assert_array_equal(state["head.weight"].numpy(),
+                                np.asarray(params["head"]["kernel"]).T)
   assert np.abs(state["head.weight"].numpy()).mean() > 1e-3  # trained, not the 2e-5 init
   x = np.random.default_rng(0).standard_normal(
       (2, saved.data.target_length, saved.data.num_mel_bins)).astype(np.float32)

@@ -280,7 +280,8 @@ def test_a_non_finite_fine_tuning_step_leaves_the_classifier_and_is_counted(corp
   state = tuner.initial_state(0)
   before = jax.tree.map(np.asarray, jax.device_get((state.params, state.opt_state)))
   samples = audio.num_samples_for_frames(config.data.target_length, config.data.sample_rate)
-  batch = {"waveform": np.zeros((16, samples), np.float32), "valid_frames": np.full(16, 128, np.int32),
+  batch = {"waveform": np.zeros((16, samples), np.float32),
+           "valid_frames": np.full(16, 128, np.int32),
            "label": np.eye(10, dtype=np.float32)[np.arange(16) % 10]}
   poisoned = dict(batch, waveform=np.full_like(batch["waveform"], np.nan))
   state, metrics = step_fn(state, tuner.device_batch(poisoned))
