@@ -164,6 +164,10 @@ def test_a_resumed_phase_summarises_the_whole_phase(tmp_path):
   assert _starts(tmp_path / "tensorboard" / "encoder_r2") == [1, 7]
   assert summary["final_loss"] == pytest.approx(10.0)
   assert summary["mean_loss_last_10pct"] == pytest.approx(10.0)  # 1 of 10 losses
+  at_the_end = monitor_lib.PhaseMonitor(str(tmp_path), "encoder_r2", total_steps=10,
+                                        global_batch_size=2, log_every=4, usage_every=10,
+                                        start_step=10).finish()  # killed in its last save
+  assert at_the_end["samples_per_s"] is None and at_the_end["final_loss"] == pytest.approx(10.0)
 
 
 def test_tensorboard_keeps_every_step_across_a_checkpoint_and_resume(tmp_path):

@@ -135,10 +135,10 @@ class PhaseMonitor:
     Summary: phase, steps (last step), from_step (0, or the step a resumed phase restarted
     at: the timings and the plot's code frequencies cover the steps after it), final_loss
     and mean_loss_last_10pct (of the whole phase's loss history), wall_time_s,
-    samples_per_s (compilation included), steady_samples_per_s (after the first log line;
-    None without a later step), codebook_usage ({fraction_used, perplexity} per codebook
-    from the latest counts; None if none were recorded) and plot (its path; None when not
-    the writer).
+    samples_per_s (compilation included; None when this run took no step: a phase resumed
+    at its end), steady_samples_per_s (after the first log line; None without a later
+    step), codebook_usage ({fraction_used, perplexity} per codebook from the latest counts;
+    None if none were recorded) and plot (its path; None when not the writer).
     """
     if self._pending:
       self._flush()
@@ -164,7 +164,8 @@ class PhaseMonitor:
         "final_loss": losses[-1] if losses else None,
         "mean_loss_last_10pct": float(np.mean(tail)) if losses else None,
         "wall_time_s": wall_time,
-        "samples_per_s": self._steps_recorded * self.global_batch_size / wall_time,
+        "samples_per_s": (self._steps_recorded * self.global_batch_size / wall_time
+                          if self._steps_recorded else None),
         "steady_samples_per_s": steady,
         "codebook_usage": None if self._usage_final is None else {
             "fraction_used": self._usage_final[0].tolist(),
