@@ -11,8 +11,6 @@ import os
 import flax.linen as nn
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
-from etils import epath
 
 from bridle_jax import files
 from bridle_jax.models import quantizer
@@ -176,35 +174,23 @@ def abstract_pretrained(models: state_lib.Models) -> dict:
   return jax.eval_shape(fresh, jax.random.PRNGKey(0))
 
 
-def restore_final(directory: str, abstract: dict) -> dict:
+def restore_final(directory: str, abstract: dict | None = None) -> dict:
   """Restores {'params', 'codebooks'} from a phase's final checkpoint into `abstract`'s
-  shardings (jax.ShapeDtypeStruct leaves with .sharding)."""
-  ckpt = checkpoint.PhaseCheckpointer(directory, save_every=1, keep=1, async_save=False)
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"{directory}: no finished phase checkpoint")
-    tree, _ = ckpt.restore(abstract, with_data=False)
-  finally:
-    ckpt.close()
-  return tree
-
-
-def restore_final_as_saved(directory: str) -> dict:
-  """A final checkpoint's tree with the shapes and dtypes it was saved with, on this
-  process's first device: for readers that build no model (exports)."""
+  shardings (jax.ShapeDtypeStruct leaves with .sharding); without `abstract`, the tree as
+  saved on this process's first device (for readers that build no model: exports)."""
   ckpt = checkpoint.PhaseCheckpointer(directory, save_every=1, keep=1, async_save=False)
   try:
     step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{directory}: no finished phase checkpoint")
+    if abstract is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                              ckpt.saved_shapes(step))
+    tree, _ = ckpt.restore(abstract, step, with_data=False)
   finally:
     ckpt.close()
-  if step is None:
-    raise FileNotFoundError(f"{directory}: no finished checkpoint")
-  saved = ocp.StandardCheckpointHandler().metadata(
-      epath.Path(directory) / str(step) / "state")
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          dict(saved))
-  return restore_final(directory, abstract)
+  return tree
 
 
 def load_pretrained(workdir: str, phase_id: str | None = None):

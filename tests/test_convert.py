@@ -470,7 +470,7 @@ def test_a_fine_tuned_classifier_exports_with_its_trained_head(trained_workdir, 
   loaded = model.load_state_dict(state, strict=True)
   assert not loaded.missing_keys and not loaded.unexpected_keys
 
-  params = workdir_lib.restore_final_as_saved(
+  params = workdir_lib.restore_final(
       str(workdir / "checkpoints" / "finetune_final"))["params"]
   np.testing.assert_array_equal(state["head.weight"].numpy(),
                                 np.asarray(params["head"]["kernel"]).T)

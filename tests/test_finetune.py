@@ -294,9 +294,11 @@ def test_a_non_finite_fine_tuning_step_leaves_the_classifier_and_is_counted(corp
   assert int(state.step) == 2
 
 
-def test_an_evaluation_missed_at_a_saved_step_is_run_on_resume(corpus, tmp_path, monkeypatch):
-  """The step-5 checkpoint commits before its evaluation; a run that dies in between (here
-  the evaluation raises) evaluates step 5 when it resumes there."""
+def test_a_run_killed_in_an_evaluation_evaluates_that_step_on_resume(corpus, tmp_path,
+                                                                     monkeypatch):
+  """Step 5 is an evaluation and a checkpoint step; a run that dies in its evaluation (here
+  the evaluation raises) leaves no step-5 checkpoint without it, and the resumed run
+  evaluates step 5."""
   config = _config(corpus, steps=10, batch_size=16, eval_every_epochs=1)  # 5 steps an epoch
   config.checkpoint_every = 5
   tuner = _finetuner(config, tmp_path, "finetune", num_devices=1)

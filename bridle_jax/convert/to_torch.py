@@ -50,10 +50,10 @@ from absl import flags
 from bridle_jax import convert
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.convert import layout
+from bridle_jax.evaluate import finetune as finetune_lib
 from bridle_jax.train import checkpoint
 
 HEAD_INIT_STD = 2e-5
-FINETUNE_MODES = ("finetune", "probe")
 
 def _codebook_tensor(entry: layout.CodebookEntry, codebooks) -> np.ndarray:
   rows = np.asarray(codebooks.codebooks[entry.stage], np.float32)
@@ -142,7 +142,7 @@ def export(workdir: str, output: str, phase_id: str | None = None,
   convert.import_optional("torch")
   convert.import_optional("safetensors.torch")
   config = workdir_lib.load_config(workdir)
-  if config.get("mode") in FINETUNE_MODES:
+  if config.get("mode") in finetune_lib.MODES:
     if phase_id or finetune_output:
       raise ValueError(f"{workdir} is a {config.mode} workdir: it has runs, not phases; "
                        "name one with --run (--phase and --finetune_output are for "
@@ -170,7 +170,7 @@ def export(workdir: str, output: str, phase_id: str | None = None,
 def export_classifier(workdir: str, config, output: str, run_id: str | None = None) -> dict:
   """Writes the trained classifier of finished run `run_id` (default: the only one)."""
   finished = sorted(checkpoint.read_progress(workdir).get("runs", {}))
-  with_weights = [r for r in finished if os.path.isdir(_classifier_dir(workdir, r))]
+  with_weights = [r for r in finished if os.path.isdir(workdir_lib.final_dir(workdir, r))]
   if run_id is None:
     if len(with_weights) != 1:
       raise ValueError(f"{workdir}: " + (f"name the run to export with --run (one of "
@@ -181,15 +181,11 @@ def export_classifier(workdir: str, config, output: str, run_id: str | None = No
   elif run_id not in with_weights:
     raise FileNotFoundError(f"{workdir}: run {run_id!r} is not a finished run with trained "
                             f"weights (those are: {', '.join(with_weights) or 'none'})")
-  params = workdir_lib.restore_final_as_saved(_classifier_dir(workdir, run_id))["params"]
+  params = workdir_lib.restore_final(workdir_lib.final_dir(workdir, run_id))["params"]
   state = classifier_state_dict(config, jax.tree.map(np.asarray, params))
   return {"workdir": workdir, "run": run_id,
           "classifier": {"pth": output, "safetensors": save_state_dict(state, output),
                          "keys": len(state), "num_classes": int(state["head.bias"].shape[0])}}
-
-
-def _classifier_dir(workdir: str, run_id: str) -> str:
-  return os.path.join(workdir, "checkpoints", f"{run_id}_final")
 
 
 def define_flags() -> None:

@@ -194,15 +194,14 @@ class Embedder:
     batch. With `patch_file`, 'patch' is a .npy memory map there instead of an array in
     memory (AudioSet-sized exports: 1.5 MB per 10 s clip at ViT-B).
     """
-    result = {"failed": []}
+    width = self.encoder.width
+    result = {"pooled": np.empty((len(source), width), np.float32), "failed": []}
+    if include_patch:
+      shape = (len(source), self.encoder.num_patches, width)
+      result["patch"] = (np.empty(shape, np.float32) if patch_file is None else
+                         np.lib.format.open_memmap(patch_file, "w+", np.float32, shape))
     for indices, waves, valid, batch_failed in clip_batches(source, self.data, self.batch_size):
       out = self.embed_prepared(waves, valid, with_patch=include_patch)
-      if "pooled" not in result:
-        result["pooled"] = np.empty((len(source), *out["pooled"].shape[1:]), np.float32)
-        if include_patch:
-          shape = (len(source), *out["patch"].shape[1:])
-          result["patch"] = (np.empty(shape, np.float32) if patch_file is None else
-                             np.lib.format.open_memmap(patch_file, "w+", np.float32, shape))
       result["pooled"][indices] = out["pooled"]
       if include_patch:
         result["patch"][indices] = out["patch"]
@@ -226,8 +225,6 @@ def multi_hot_labels(source) -> np.ndarray:
 def write_npz(path: str, arrays: dict) -> None:
   """Writes `arrays` as an uncompressed npz, atomically; the arrays stream to the file
   (memory maps included) rather than being copied into one buffer first."""
-  path = os.path.abspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   with files.atomic_output(path) as f:
     np.savez(f, **arrays)
 
@@ -240,10 +237,10 @@ def embed_manifest(workdir: str, manifest: str, output: str, *, label_csv: str =
   embedder = Embedder.from_workdir(workdir, phase_id, target_length, batch_size)
   source = sources.open_source(ml_collections.ConfigDict(
       {"format": data_format, "manifest": manifest, "label_csv": label_csv}))
-  output_dir = os.path.dirname(os.path.abspath(output))
-  os.makedirs(output_dir, exist_ok=True)
+  output = os.path.abspath(output)
+  os.makedirs(os.path.dirname(output), exist_ok=True)
   # Patch embeddings go to a memory map beside the output and stream from it into the npz.
-  with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp_patch_") as scratch:
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(output), prefix=".tmp_patch_") as scratch:
     out = embedder.embed_source(source, include_patch,
                                 patch_file=os.path.join(scratch, "patch.npy"))
     paths = [source[i]["path"] for i in range(len(source))]
@@ -253,7 +250,7 @@ def embed_manifest(workdir: str, manifest: str, output: str, *, label_csv: str =
     if include_patch:
       arrays["patch"] = out["patch"]
     write_npz(output, arrays)
-    report = {"output": os.path.abspath(output), "clips": len(source),
+    report = {"output": output, "clips": len(source),
               "failed": int(len(out["failed"])),
               "failed_paths": [paths[i] for i in out["failed"][:20]],
               "pooled_shape": list(out["pooled"].shape)}

@@ -443,9 +443,6 @@ class Finetuner:
                  self.mode, total, steps_per_epoch, ft.batch_size, len(train_source),
                  len(eval_source))
     step = int(state.step)
-    if step and (step % eval_every == 0 or step == total) and step not in evals:
-      # Saved at an evaluation step, stopped before that evaluation was recorded.
-      self._evaluate_into(evals, run_id, step, state.params, eval_source)
     run_monitor = monitor.PhaseMonitor(self.workdir, run_id, total, ft.batch_size,
                                        config.log_every, config.log_every,
                                        is_writer=jax.process_index() == 0, start_step=step)
@@ -460,11 +457,13 @@ class Finetuner:
         if due_save or step % config.log_every == 0:
           steps.check_skipped_updates(run_id, int(state.skipped_updates),
                                       config.max_nonfinite_updates)
+        # Evaluated before the save, so that a checkpoint at an evaluation step always has
+        # its evaluation recorded.
+        if step % eval_every == 0 or step == total:
+          self._evaluate_into(evals, run_id, step, state.params, eval_source)
         if due_save:
           run_monitor.sync()
           ckpt.save(step, state, iterator.get_state(), force=step == total)
-        if step % eval_every == 0 or step == total:
-          self._evaluate_into(evals, run_id, step, state.params, eval_source)
         if self.preemption.requested():
           run_monitor.sync()
           ckpt.save(step, state, iterator.get_state(), force=True)
@@ -472,8 +471,8 @@ class Finetuner:
           raise preemption.Preempted(preemption.stop_message(run_id, step, total))
     ckpt.wait()
     ckpt.close()
-    final = checkpoint.PhaseCheckpointer(self._final_dir(run_id), save_every=1, keep=1,
-                                         async_save=False)
+    final = checkpoint.PhaseCheckpointer(workdir_lib.final_dir(self.workdir, run_id),
+                                         save_every=1, keep=1, async_save=False)
     final.save(total, {"params": state.params}, None, force=True)
     final.close()
     key = primary_metric(config)
@@ -485,13 +484,11 @@ class Finetuner:
             "eval_clips": len(eval_source), "evals": {str(s): evals[s] for s in sorted(evals)},
             "train": train_summary}
 
-  def _final_dir(self, run_id: str) -> str:
-    return os.path.join(self.workdir, "checkpoints", f"{run_id}_final")
-
   def restore_final_params(self, run_id: str) -> dict:
     """The trained classifier params of a finished run, in this mesh's shardings."""
     abstract = sharding.with_shardings(nn.unbox(self.abstract.params), self.shardings.params)
-    return workdir_lib.restore_final(self._final_dir(run_id), {"params": abstract})["params"]
+    return workdir_lib.restore_final(workdir_lib.final_dir(self.workdir, run_id),
+                                     {"params": abstract})["params"]
 
   def _evaluate_into(self, evals: dict, run_id: str, step: int, params: dict, source) -> None:
     """Evaluates, logs, and records the result in `evals` and progress.json (for resumes)."""

@@ -131,6 +131,11 @@ class PhaseCheckpointer:
     self._manager.wait_until_finished()
     return self._manager.latest_step()
 
+  def saved_shapes(self, step: int) -> Any:
+    """The state tree of `step` as saved: leaves with `.shape` and `.dtype`."""
+    return dict(ocp.StandardCheckpointHandler().metadata(
+        epath.Path(self.directory) / str(step) / "state"))
+
   def restore(self, abstract_state: Any, step: int | None = None, *,
               with_data: bool = True) -> tuple[Any, dict | None]:
     """Restores `step` (default: the latest) as (state, this host's data state or None).
