@@ -8,7 +8,7 @@
       --config.data.manifest=train.json --config.data.label_csv=labels.csv
 
 The step benchmark compiles the phase's real jitted step (parameter shardings from the
-config's mesh and rules, donated state) and feeds it one random waveform batch, so no
+config's mesh and rules, donated state) and feeds it one random input batch, so no
 data is read. Step time is the median over `--repeats` timed loops of `--steps` steps,
 each loop ended by one block_until_ready. FLOPs come from XLA's cost analysis of the
 step as lowered, before backend optimisation; MFU is against the device's dense bf16
@@ -40,6 +40,7 @@ from bridle_jax import config_validation
 from bridle_jax import files
 from bridle_jax import prepare
 from bridle_jax.data import audio
+from bridle_jax.data import inputs
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
 from bridle_jax.models import platform
@@ -171,12 +172,10 @@ def analytic_flops(models: state_lib.Models, params: dict, kind: str, batch: int
 
 def random_batch(config, specs: dict, codebook_size: int, batch_sharding) -> dict:
   """Random inputs of the global shapes in `specs` (this host's rows of each), sharded
-  like the training input: waveforms, full-length `valid_frames`, stored codes."""
-  local = pipeline.host_batch_size(specs["waveform"].shape[0], jax.process_count())
+  like the training input (`inputs.random_batch`, and stored codes)."""
+  local = pipeline.host_batch_size(next(iter(specs.values())).shape[0], jax.process_count())
   rng = np.random.default_rng(config.seed + jax.process_index())
-  host = {"waveform": (0.1 * rng.standard_normal((local, *specs["waveform"].shape[1:])))
-                      .astype(np.float32),
-          "valid_frames": np.full((local,), config.data.target_length, np.int32)}
+  host = inputs.random_batch(config.data, local, rng)
   if "codes" in specs:
     host["codes"] = rng.integers(codebook_size, size=(local, *specs["codes"].shape[1:]),
                                  dtype=np.int32)
@@ -208,8 +207,7 @@ def phase_programs(config, kind: str, batch: int, mesh) -> PhasePrograms:
   shardings = sharding.shardings_for(jax.eval_shape(fresh, jax.random.PRNGKey(0)), mesh,
                                      config.sharding_rules)
   batch_sharding = sharding.batch_sharding(mesh)
-  samples = audio.num_samples_for_frames(config.data.target_length, config.data.sample_rate)
-  shapes = {"waveform": ((batch, samples), np.float32), "valid_frames": ((batch,), np.int32)}
+  shapes = inputs.batch_shapes(config.data, batch)
   if reuses_codes(config, kind):  # the steady state: codes stored in the first epoch
     spec = models.quantizer
     shapes["codes"] = ((batch, models.encoder.num_patches,
@@ -334,15 +332,19 @@ def run_input_benchmark(config, batch: int, num_batches: int, warmup: int) -> di
   for _ in range(max(warmup, 1)):  # worker start-up stays out of the timing
     next(iterator)
   start = time.perf_counter()
-  valid_frames = np.concatenate([next(iterator)["valid_frames"] for _ in range(num_batches)])
-  rate = len(valid_frames) / (time.perf_counter() - start)
+  batches = [next(iterator) for _ in range(num_batches)]
+  rate = sum(len(b["label"]) for b in batches) / (time.perf_counter() - start)
   workers = pipeline.worker_count(config.data.num_workers)
   cores = pipeline.host_cores()
-  seconds_per_frame = audio.frame_shift(config.data.sample_rate) / config.data.sample_rate
-  return {"phase": "input", "batch": batch, "clips_per_second": rate, "samples_per_second": rate,
-          "clip_seconds": float(valid_frames.mean()) * seconds_per_frame,
-          "workers": workers, "clips_per_second_per_worker": rate / max(workers, 1),
-          "cores": cores, "clips_per_second_per_core": rate / cores}
+  report = {"phase": "input", "batch": batch, "clips_per_second": rate,
+            "samples_per_second": rate, "workers": workers,
+            "clips_per_second_per_worker": rate / max(workers, 1), "cores": cores,
+            "clips_per_second_per_core": rate / cores, "clip_seconds": None}
+  if inputs.modality(config.data) == "audio":
+    seconds_per_frame = audio.frame_shift(config.data.sample_rate) / config.data.sample_rate
+    frames = np.concatenate([b["valid_frames"] for b in batches])
+    report["clip_seconds"] = float(frames.mean()) * seconds_per_frame
+  return report
 
 
 def _fmt(value, spec: str) -> str:
@@ -359,7 +361,7 @@ def table_row(report: dict, command: str) -> tuple[tuple, str]:
   if report["phase"] == "input":
     table = INPUT_TABLE
     cells = (date, str(report["cores"]), str(report["workers"]), str(report["batch"]),
-             f"{report['clip_seconds']:.2f}", _fmt(report["clips_per_second"], ".1f"),
+             _fmt(report["clip_seconds"], ".2f"), _fmt(report["clips_per_second"], ".1f"),
              _fmt(report["clips_per_second_per_core"], ".1f"),
              _fmt(report["clips_per_second_per_worker"], ".1f"), f"`{command}`")
   else:
@@ -394,7 +396,7 @@ def append_row(path: str, table: tuple, row: str) -> None:
 def format_report(report: dict) -> str:
   if report["phase"] == "input":
     lines = [("clips/s", _fmt(report["clips_per_second"], ".1f")),
-             ("audio s per clip", f"{report['clip_seconds']:.2f}"),
+             ("audio s per clip", _fmt(report["clip_seconds"], ".2f")),
              ("workers", str(report["workers"] or "0 (in-process)")),
              ("clips/s per worker", _fmt(report["clips_per_second_per_worker"], ".1f")),
              ("cores", str(report["cores"])),

@@ -4,6 +4,7 @@ import os
 import ml_collections
 
 from bridle_jax.data import audio
+from bridle_jax.data import inputs
 from bridle_jax.models import (attention, decoder, layers, pos_embed, vit,
                                window_attention_kernel)
 from bridle_jax.train.sharding import MESH_AXES
@@ -60,6 +61,47 @@ def _check_sharding_rules(rules) -> None:
              f"{', '.join(map(repr, MESH_AXES))}")
 
 
+def _check_audio_data(config) -> None:
+  d, m = config.data, config.model
+  for field in ("data.sample_rate", "data.num_mel_bins", "data.target_length", "data.std",
+                "data.mixup_alpha"):
+    _positive(config, field)
+  _require(m.in_chans == 1, "model.in_chans", f"audio fbank has 1 channel, got {m.in_chans}")
+  _require(d.target_length % m.patch_size == 0, "data.target_length",
+           f"{d.target_length} frames is not divisible by model.patch_size={m.patch_size}")
+  _require(d.num_mel_bins % m.patch_size == 0, "data.num_mel_bins",
+           f"{d.num_mel_bins} bins is not divisible by model.patch_size={m.patch_size}")
+  _require(0.0 <= d.mixup <= 1.0, "data.mixup", f"is a probability, got {d.mixup}")
+  _require(0 <= d.freqm <= d.num_mel_bins, "data.freqm", f"must lie in [0, data.num_mel_bins], got {d.freqm}")
+  _require(0 <= d.timem <= d.target_length, "data.timem", f"must lie in [0, data.target_length], got {d.timem}")
+  _require(d.max_clip_seconds == 0 or d.max_clip_seconds * d.sample_rate >=
+           audio.num_samples_for_frames(d.target_length, d.sample_rate),
+           "data.max_clip_seconds", f"{d.max_clip_seconds} s is shorter than the "
+           f"{d.target_length} frames of data.target_length (25 ms windows every 10 ms)")
+
+
+def _check_image_data(config) -> None:
+  d, m = config.data, config.model
+  _require(d.format != "tfds", "data.format",
+           "'tfds' sets hold audio; images read a class folder ('folder') or a json manifest")
+  _positive(config, "data.image_size")
+  _require(m.in_chans == 3, "model.in_chans", f"images are RGB (3 channels), got {m.in_chans}")
+  _require(d.image_size % m.patch_size == 0, "data.image_size",
+           f"{d.image_size} pixels is not divisible by model.patch_size={m.patch_size}")
+  for field in ("mean", "std"):
+    value = tuple(d[field])
+    _require(len(value) == 3, f"data.{field}", f"needs one value per RGB channel, got {value}")
+  _require(all(s > 0 for s in d.std), "data.std", f"must be > 0, got {tuple(d.std)}")
+  low, high = d.crop_scale
+  _require(0 < low <= high <= 1, "data.crop_scale",
+           f"must be (low, high) with 0 < low <= high <= 1, got {tuple(d.crop_scale)}")
+  low, high = d.crop_ratio
+  _require(0 < low <= high, "data.crop_ratio",
+           f"must be (low, high) with 0 < low <= high, got {tuple(d.crop_ratio)}")
+  _require(not m.mask_2d, "model.mask_2d", "time/frequency masking is for audio; use "
+           "model.mask_ratio for images")
+
+
 def validate_config(config: ml_collections.ConfigDict, data_paths: bool = True) -> None:
   """Raises ConfigError naming the first invalid field of `config`; with data_paths=False
   (tools that run the step on random input) the data files may be unset."""
@@ -71,9 +113,14 @@ def validate_config(config: ml_collections.ConfigDict, data_paths: bool = True) 
     if d.format == "json":
       _require(bool(d.label_csv), "data.label_csv",
                "is empty; data.format='json' needs a class_labels_indices.csv")
-  for field in ("data.sample_rate", "data.num_mel_bins", "data.target_length", "data.std",
-                "data.mixup_alpha", "model.patch_size", "model.width", "model.depth",
-                "model.num_heads", "model.in_chans"):
+  if "modality" in d:  # configs saved before images were supported are audio
+    _one_of(config, "data.modality", inputs.MODALITIES)
+  if inputs.modality(d) == "image":
+    _check_image_data(config)
+  else:
+    _check_audio_data(config)
+  for field in ("model.patch_size", "model.width", "model.depth", "model.num_heads",
+                "model.in_chans"):
     _positive(config, field)
   if m.size in vit.VIT_SIZES:
     shape = (m.width, m.depth, m.num_heads)
@@ -81,19 +128,8 @@ def validate_config(config: ml_collections.ConfigDict, data_paths: bool = True) 
              f"{m.size!r} is width, depth, heads {vit.VIT_SIZES[m.size]}, but model.width, "
              f"model.depth, model.num_heads are {shape}; set those three too (or name another "
              "size for another shape)")
-  _require(d.target_length % m.patch_size == 0, "data.target_length",
-           f"{d.target_length} frames is not divisible by model.patch_size={m.patch_size}")
-  _require(d.num_mel_bins % m.patch_size == 0, "data.num_mel_bins",
-           f"{d.num_mel_bins} bins is not divisible by model.patch_size={m.patch_size}")
-  _require(0.0 <= d.mixup <= 1.0, "data.mixup", f"is a probability, got {d.mixup}")
-  _require(0 <= d.freqm <= d.num_mel_bins, "data.freqm", f"must lie in [0, data.num_mel_bins], got {d.freqm}")
-  _require(0 <= d.timem <= d.target_length, "data.timem", f"must lie in [0, data.target_length], got {d.timem}")
   _require(d.num_workers >= -1, "data.num_workers",
            f"must be >= 0, or -1 for one per CPU core, got {d.num_workers}")
-  _require(d.max_clip_seconds == 0 or d.max_clip_seconds * d.sample_rate >=
-           audio.num_samples_for_frames(d.target_length, d.sample_rate),
-           "data.max_clip_seconds", f"{d.max_clip_seconds} s is shorter than the "
-           f"{d.target_length} frames of data.target_length (25 ms windows every 10 ms)")
   _require(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
 
   _one_of(config, "model.dtype", DTYPES)
@@ -120,7 +156,7 @@ def validate_config(config: ml_collections.ConfigDict, data_paths: bool = True) 
   _require(dec.width % dec.num_heads == 0, "model.decoder.width",
            f"{dec.width} is not divisible by model.decoder.num_heads={dec.num_heads}")
   if dec.mode == 1:
-    grid = (d.target_length // m.patch_size, d.num_mel_bins // m.patch_size)
+    grid = inputs.patch_grid(d, m.patch_size)
     for axis, (size, window) in enumerate(zip(grid, dec.window)):
       _require(window > 0 and size % window == 0, "model.decoder.window",
                f"{tuple(dec.window)} does not tile the {grid[0]}x{grid[1]} patch grid (axis {axis})")
@@ -165,6 +201,8 @@ def validate_config(config: ml_collections.ConfigDict, data_paths: bool = True) 
   if "joint" in config.rounds:
     _positive(config, "joint_phase.tokenizer_every")
   if config.encoder_phase.get("reuse_codes", False):
+    _require(inputs.modality(d) == "audio", "encoder_phase.reuse_codes",
+             "needs unaugmented input, and image pretraining crops at random")
     augmented = [f"data.{name}" for name in ("roll_mag_aug", "mixup", "freqm", "timem") if d[name]]
     _require(not augmented, "encoder_phase.reuse_codes",
              f"needs unaugmented input, but {', '.join(augmented)} augment it; turn them off "

@@ -19,6 +19,7 @@ import jax
 from absl import logging
 
 from bridle_jax import workdir as workdir_lib
+from bridle_jax.data import inputs
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
 from bridle_jax.evaluate import verdict
@@ -33,7 +34,6 @@ from bridle_jax.train import sharding
 from bridle_jax.train import state as state_lib
 from bridle_jax.train import steps
 
-BATCH_KEYS = ("waveform", "valid_frames")
 STEPS_IN_FLIGHT = 2  # how far the host may run ahead of the device, in steps
 
 
@@ -206,7 +206,7 @@ class Trainer:
     fresh = state_lib.fresh_state_fn(models, groups, tx)
     abstract = jax.eval_shape(fresh, rng)
     shardings = sharding.shardings_for(abstract, self.mesh, config.sharding_rules)
-    batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
+    batch_shardings = {k: self.batch_sharding for k in inputs.batch_keys(config.data)}
     ckpt = checkpoint.PhaseCheckpointer(
         os.path.join(self.workdir, "checkpoints", phase.id),
         save_every=config.checkpoint_every, keep=config.keep_checkpoints)
@@ -295,7 +295,8 @@ class Trainer:
 
   def device_batch(self, host_batch: dict) -> dict:
     """The step's inputs of a host batch, as global arrays sharded over the batch axes."""
-    return pipeline.to_device_batch({k: host_batch[k] for k in BATCH_KEYS}, self.batch_sharding)
+    keys = inputs.batch_keys(self.config.data)
+    return pipeline.to_device_batch({k: host_batch[k] for k in keys}, self.batch_sharding)
 
 
 class StepWindow:

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 from bridle_jax import driver
 from bridle_jax import prepare
 from bridle_jax import workdir as workdir_lib
+from bridle_jax.data import inputs
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
 from bridle_jax.train import state as state_lib
@@ -86,7 +87,7 @@ def _final_state_and_batch(config, workdir: str, num_clips: int):
   batch = next(iter(pipeline.build_dataset(
       source, config.data, global_batch_size=min(num_clips, len(source)), seed=config.seed,
       process_index=0, process_count=1, num_epochs=1, train=False)))
-  x = models.features({k: batch[k] for k in driver.BATCH_KEYS}, None)
+  x = models.features({k: batch[k] for k in inputs.batch_keys(config.data)}, None)
   return models, state_lib.build_models(bf16_config(config)), pretrained, x
 
 

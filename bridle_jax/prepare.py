@@ -8,6 +8,8 @@ from jax.experimental import multihost_utils
 from bridle_jax import compile_cache
 from bridle_jax import config_validation
 from bridle_jax.data import demo
+from bridle_jax.data import demo_images
+from bridle_jax.data import inputs
 
 PATH_FIELDS = ("demo_dir", "manifest", "label_csv")
 
@@ -28,6 +30,9 @@ def prepare(config, workdir: str) -> None:
     compile_cache.enable(config.compile_cache_dir)
   if config.data.demo_dir:
     if jax.process_index() == 0:
-      demo.write_demo_corpus(config.data.demo_dir, seed=config.seed)
+      if inputs.modality(config.data) == "image":
+        demo_images.write_demo_images(config.data.demo_dir, seed=config.seed)
+      else:
+        demo.write_demo_corpus(config.data.demo_dir, seed=config.seed)
     if jax.process_count() > 1:  # the others read it once process 0 has written it
       multihost_utils.sync_global_devices("demo corpus written")

@@ -20,7 +20,8 @@ from bridle_jax.train import state as state_lib
 CONFIG_FILE = "config.json"
 # Fields that fix the shapes of what a checkpoint holds; a resumed or `init_from` run
 # must agree with the run that wrote it on these.
-SHAPE_FIELDS = ("model", "data.target_length", "data.num_mel_bins")
+SHAPE_FIELDS = ("model", "data.modality", "data.target_length", "data.num_mel_bins",
+                "data.image_size")
 # Fields of `model` that change how the step computes, not what it holds: free to change,
 # and reset to these portable values when a finished run is loaded for inference.
 SPEED_DEFAULTS = {"model.attention_impl": "auto", "model.remat": "none",
@@ -33,7 +34,8 @@ RESUME_FREE = ("data.num_workers", "data.prefetch", "data.manifest", "data.label
 FINETUNE_FIELDS = ("mode", "seed", "init_from", "init_phase", "model", "finetune", "data")
 # Fields added after runs were saved without them, with the value that matches how those
 # runs behaved.
-ADDED_DEFAULTS = {"model.pos_table_frames": 0, "model.pos_crop": "reference"}
+ADDED_DEFAULTS = {"model.pos_table_frames": 0, "model.pos_crop": "reference",
+                  "data.modality": "audio"}
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -37,6 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # ---- data ----
   c.data = d = ml_collections.ConfigDict()
+  d.modality = "audio"         # audio | image (configs/image.py)
   d.format = "json"            # json | folder | tfds
   d.manifest = ""              # json manifest, class folder root, or built TFDS dir
   d.label_csv = ""             # class_labels_indices.csv (index, mid, display_name)
@@ -155,6 +156,11 @@ def _shrink_for_demo(c: ml_collections.ConfigDict) -> None:
   c.data.std = 3.75
   c.data.num_workers = 0
   c.data.multi_label = False
+  shrink_training_for_demo(c)
+
+
+def shrink_training_for_demo(c: ml_collections.ConfigDict) -> None:
+  """The demos' tiny model, two-epoch phases and frequent checkpoints and logs."""
   c.model.dtype = "float32"
   c.model.size = "demo"
   c.model.width, c.model.depth, c.model.num_heads = 64, 2, 4

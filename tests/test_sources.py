@@ -207,7 +207,7 @@ def test_folder_source_classes_files_and_labels(tmp_path):
 
 def test_folder_source_without_audio_raises(tmp_path):
   os.makedirs(tmp_path / "root" / "dog")
-  with pytest.raises(sources.DataError, match="no audio files"):
+  with pytest.raises(sources.DataError, match="no files"):
     sources.FolderSource(str(tmp_path / "root"))
 
 

@@ -29,6 +29,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from bridle_jax.data import inputs
 from bridle_jax.models.pos_embed import audio_pos_embed
 
 
@@ -130,9 +131,8 @@ def _swin_block(key: str, path: tuple[str, ...]) -> list[Entry]:
 
 
 def grid_of(config) -> tuple[int, int]:
-  """(time, freq) patch grid of the config's input."""
-  patch = config.model.patch_size
-  return config.data.target_length // patch, config.data.num_mel_bins // patch
+  """(rows, cols) patch grid of the config's input: (time, freq) for audio."""
+  return inputs.patch_grid(config.data, config.model.patch_size)
 
 
 def _vit(prefix: str, module: str, config) -> dict[str, list[Entry]]:

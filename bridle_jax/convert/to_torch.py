@@ -1,7 +1,7 @@
 """Exports a finished phase of a workdir to the official BRIDLE PyTorch layout.
 
   python -m bridle_jax.convert.to_torch --workdir=DIR --output=bridle.pth [--phase=p3_encoder]
-      [--finetune_output=FILE] [--num_classes=527] [--seed=0]
+      [--finetune_output=FILE] [--num_classes=527 (1000 for images)] [--seed=0]
   python -m bridle_jax.convert.to_torch --workdir=FINETUNE_DIR --output=classifier.pth
       [--run=fold1]
 
@@ -27,6 +27,9 @@ padding row K is zero, `cluster_size_ema` = our cluster sizes, `embed_ema` = the
 No 'args' or 'optimizer' entries, so torch.load(weights_only=True) reads it. The key set
 follows the workdir's config; the official code hard-codes some sizes (decoder mode 1: 16 Swin
 blocks of 16 heads, 4x4 windows; 3 estimator blocks), which the audio default matches.
+A run on images (configs/image.py) exports the official image layout: a 3-channel patch
+conv, 197-row tables for 14x14 patches, decoder mode 0's 16 timm blocks; its fine-tuning
+file has the same keys as audio's, with 1000 head rows by default.
 
 The fine-tuning file takes the encoder without its final `norm` (the official fine-tuning ViT
 pools the block outputs and applies a new `fc_norm`) and adds the new keys with the official
@@ -50,10 +53,12 @@ from absl import flags
 from bridle_jax import convert
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.convert import layout
+from bridle_jax.data import inputs
 from bridle_jax.evaluate import finetune as finetune_lib
 from bridle_jax.train import checkpoint
 
 HEAD_INIT_STD = 2e-5
+DEFAULT_CLASSES = {"audio": 527, "image": 1000}  # AudioSet, ImageNet-1K
 
 def _codebook_tensor(entry: layout.CodebookEntry, codebooks) -> np.ndarray:
   rows = np.asarray(codebooks.codebooks[entry.stage], np.float32)
@@ -132,10 +137,11 @@ def finetune_path(output: str) -> str:
 
 
 def export(workdir: str, output: str, phase_id: str | None = None,
-           finetune_output: str | None = None, num_classes: int = 527,
+           finetune_output: str | None = None, num_classes: int | None = None,
            seed: int = 0, run_id: str | None = None) -> dict:
   """Exports phase `phase_id` (default: the last finished) of a pretraining `workdir`, or
-  run `run_id` of a fine-tuning one; returns a summary with the written paths."""
+  run `run_id` of a fine-tuning one; returns a summary with the written paths. The new
+  head has `num_classes` rows (default: AudioSet's 527, or ImageNet's 1000 for images)."""
   for path in (output, finetune_output):
     if path and path.endswith(".safetensors"):
       raise ValueError(f"{path}: name the .pth file; the .safetensors copy goes next to it")
@@ -153,6 +159,8 @@ def export(workdir: str, output: str, phase_id: str | None = None,
   config, _, tree = workdir_lib.load_pretrained(workdir, phase_id)
   phase_id = phase_id or workdir_lib.finished_phases(workdir)[-1]
   pretrain = pretrain_state_dict(config, tree)
+  if num_classes is None:
+    num_classes = DEFAULT_CLASSES[inputs.modality(config.data)]
   finetune = finetune_state_dict(config, tree["params"], num_classes, seed)
   finetune_output = finetune_output or finetune_path(output)
   if os.path.abspath(finetune_output) == os.path.abspath(output):
@@ -198,7 +206,8 @@ def define_flags() -> None:
   flags.DEFINE_string(
       "finetune_output", None, "Fine-tuning ViT checkpoint (default: OUTPUT with "
       "'_finetune' before the extension); its .safetensors copy goes next to it.")
-  flags.DEFINE_integer("num_classes", 527, "Rows of the new fine-tuning head.")
+  flags.DEFINE_integer("num_classes", None, "Rows of the new fine-tuning head (default: "
+                       "527 for audio, 1000 for images).")
   flags.DEFINE_integer("seed", 0, "Seed of the fine-tuning head's random weight.")
   flags.DEFINE_string("run", None, "Of a fine-tuning workdir: the finished run (fold) to "
                       "export (default: the only one).")

@@ -1,17 +1,20 @@
-"""PyTorch BRIDLE audio models with the official module and parameter names.
+"""PyTorch BRIDLE models (audio, and images through the same modules with 3 input channels)
+with the official module and parameter names.
 
 Written for this project from the behaviour description of the official code
 (official_impl.md §2, §3, §4.1, §6.1), to check the converter: the state dicts of `to_torch`
 load into `BRIDLE` and `FineTuneViT` with strict=True, and their forward passes reproduce
 ours. Inference only: the quantizer is the official nearest-code search (no EMA, k-means or
 dead-code restart); the Swin meta-MLP dropout is active in train mode, so call `.eval()` to
-compare outputs. Inputs follow the official layout, (B, C, time, freq).
+compare outputs. Inputs follow the official layout, (B, C, time, freq) or (B, 3, H, W).
 
 Importing this module needs torch (`pip install 'bridle_jax[torch]'`).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bridle_jax.data import inputs
 
 VIT_LN_EPS = 1e-6
 SWIN_LN_EPS = 1e-5
@@ -409,7 +412,7 @@ class FineTuneViT(ViTTrunk):
 def _trunk_args(config) -> dict:
   m = config.model
   patch = m.patch_size
-  return dict(grid=(config.data.target_length // patch, config.data.num_mel_bins // patch),
+  return dict(grid=inputs.patch_grid(config.data, patch),
               in_chans=m.in_chans, patch=patch, width=m.width, depth=m.depth,
               num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
 

@@ -215,20 +215,21 @@ def _wav_bytes(wave: np.ndarray, sample_rate: int) -> bytes:
   return buffer.getvalue()
 
 
-def _label_csv_bytes() -> bytes:
+def label_csv_bytes(classes) -> bytes:
+  """An AudioSet-style class csv of classes with `mid` and `display_name`."""
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator="\n")
   writer.writerow(("index", "mid", "display_name"))
-  for index, sound_class in enumerate(CLASSES):
-    writer.writerow((index, sound_class.mid, sound_class.display_name))
+  for index, cls in enumerate(classes):
+    writer.writerow((index, cls.mid, cls.display_name))
   return buffer.getvalue().encode()
 
 
-def _json_bytes(obj) -> bytes:
+def json_bytes(obj) -> bytes:
   return (json.dumps(obj, indent=1) + "\n").encode()
 
 
-def _is_complete(out_dir: str, paths: dict, stamp: dict) -> bool:
+def is_complete(out_dir: str, paths: dict, stamp: dict, file_key: str = "wav") -> bool:
   """True when `out_dir` holds the stamp for these arguments and every file it names."""
   try:
     with open(os.path.join(out_dir, STAMP_NAME)) as f:
@@ -237,7 +238,7 @@ def _is_complete(out_dir: str, paths: dict, stamp: dict) -> bool:
     for split in SPLITS:
       with open(paths[split]) as f:
         entries = json.load(f)["data"]
-      if not all(os.path.isfile(os.path.join(out_dir, e["wav"])) for e in entries):
+      if not all(os.path.isfile(os.path.join(out_dir, e[file_key])) for e in entries):
         return False
   except (OSError, ValueError, KeyError, TypeError):
     return False
@@ -265,7 +266,7 @@ def write_demo_corpus(out_dir: str, clips_per_class: int = 40, eval_clips_per_cl
   stamp = dict(version=GENERATOR_VERSION, clips_per_class=clips_per_class,
                eval_clips_per_class=eval_clips_per_class, clip_seconds=clip_seconds,
                sample_rate=sample_rate, seed=seed)
-  if _is_complete(out_dir, paths, stamp):
+  if is_complete(out_dir, paths, stamp):
     return paths
 
   os.makedirs(audio_dir, exist_ok=True)
@@ -285,9 +286,9 @@ def write_demo_corpus(out_dir: str, clips_per_class: int = 40, eval_clips_per_cl
         files.write_atomic(os.path.join(audio_dir, wav_name), _wav_bytes(wave, sample_rate))
         entries.append({"wav": f"{AUDIO_DIR_NAME}/{wav_name}", "labels": sound_class.mid,
                         "fold": index % NUM_FOLDS + 1})
-    files.write_atomic(paths[split], _json_bytes({"data": entries}))
-  files.write_atomic(paths["label_csv"], _label_csv_bytes())
-  files.write_atomic(stamp_path, _json_bytes(stamp))
+    files.write_atomic(paths[split], json_bytes({"data": entries}))
+  files.write_atomic(paths["label_csv"], label_csv_bytes(CLASSES))
+  files.write_atomic(stamp_path, json_bytes(stamp))
   return paths
 
 

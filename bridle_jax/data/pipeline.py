@@ -1,10 +1,11 @@
-"""The grain input pipeline: records -> decoded, augmented, fixed-length waveform batches.
+"""The grain input pipeline: records -> decoded, augmented, fixed-size batches.
 
 Per host: shard the source by process index, shuffle by (seed, epoch), repeat, decode
-and augment each clip (roll + gain, mixup), pad/crop, skip and count unreadable clips,
-batch, and run training streams in worker processes. The iterator's state (`get_state` /
-`set_state`) goes into checkpoints so a resumed run continues the same data order.
-fbank, SpecAugment and normalisation run later, on the device (`audio.features`).
+and augment each clip (audio: roll + gain, mixup, pad/crop; images: random resized crop
+and flip), skip and count unreadable clips, batch, and run training streams in worker
+processes. The iterator's state (`get_state` / `set_state`) goes into checkpoints so a
+resumed run continues the same data order. fbank, SpecAugment and normalisation run
+later, on the device (`inputs.device_features`).
 """
 import dataclasses
 import functools
@@ -19,6 +20,8 @@ from jax.experimental import multihost_utils
 
 from bridle_jax.data import audio
 from bridle_jax.data import augment
+from bridle_jax.data import image
+from bridle_jax.data import inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,55 @@ class ClipLoader:
     wave, valid_frames = audio.pad_or_crop(wave, self.target_length, self.sample_rate)
     return {"waveform": wave, "valid_frames": np.int32(valid_frames), "label": label,
             "skipped": np.int32(0), "index": np.int64(record["index"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLoader:
+  """Turns a source record into a training image: {'image' (size, size, 3) uint8, 'label',
+  'skipped', 'index'}, or {'bad': reason} for an image that cannot be decoded.
+
+  With `augment` a random resized crop and a random horizontal flip (the reference's
+  pretraining transform); without it the evaluation resize and centre crop.
+  """
+  num_classes: int
+  image_size: int
+  augment: bool = True
+  crop_scale: tuple[float, float] = (0.2, 1.0)
+  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  hflip: bool = True
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict[str, Any]:
+    try:
+      img = image.load_image(record["audio"] or record["path"], name=record["path"])
+    except image.ImageDecodeError as e:
+      logging.warning("Skipping unreadable image: %s", e)
+      return {"bad": str(e)}
+    if self.augment:
+      pixels = image.train_crop(img, self.image_size, rng, tuple(self.crop_scale),
+                                tuple(self.crop_ratio), self.hflip)
+    else:
+      pixels = image.eval_crop(img, self.image_size)
+    label = np.zeros(self.num_classes, np.float32)
+    label[record["labels"]] = 1.0
+    return {"image": pixels, "label": label, "skipped": np.int32(0),
+            "index": np.int64(record["index"])}
+
+
+def example_loader(source: Sequence[dict], data_config, *, train: bool,
+                   mixup_source: Sequence[dict] | None = None):
+  """The loader of `data.modality`, augmenting when `train`."""
+  d = data_config
+  num_classes = len(source.class_names)
+  if inputs.modality(d) == "image":
+    return ImageLoader(num_classes=num_classes, image_size=d.image_size, augment=train,
+                       crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio),
+                       hflip=d.hflip)
+  return ClipLoader(
+      source=source if mixup_source is None else mixup_source, num_classes=num_classes,
+      sample_rate=d.sample_rate, target_length=d.target_length,
+      roll_mag_aug=train and d.roll_mag_aug, roll_mag_gain_only=d.roll_mag_gain_only,
+      mixup=d.mixup if train else 0.0, mixup_alpha=d.mixup_alpha,
+      max_clip_seconds=d.get("max_clip_seconds", 0.0))
 
 
 class _SkipBadClipsIterator(grain.DatasetIterator):
@@ -169,14 +221,7 @@ def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   batch = host_batch_size(global_batch_size, process_count)
-  loader = ClipLoader(
-      source=source if mixup_source is None else mixup_source,
-      num_classes=len(source.class_names), sample_rate=data_config.sample_rate,
-      target_length=data_config.target_length,
-      roll_mag_aug=train and data_config.roll_mag_aug,
-      roll_mag_gain_only=data_config.roll_mag_gain_only,
-      mixup=data_config.mixup if train else 0.0, mixup_alpha=data_config.mixup_alpha,
-      max_clip_seconds=data_config.get("max_clip_seconds", 0.0))
+  loader = example_loader(source, data_config, train=train, mixup_source=mixup_source)
   ds = grain.MapDataset.source(source).map_with_index(
       functools.partial(_with_index, num_records=len(source)))
   ds = ds[process_index::process_count]

@@ -1,28 +1,19 @@
 """`--mode=data`: builds the pipeline from a config and reports what it delivers.
 
 Users run it to check a manifest before a long job: label statistics, batch shapes
-on the device mesh, fbank feature statistics, skipped (unreadable) clips and the
-host's throughput in clips per second.
+on the device mesh, statistics of the model's input (normalised fbank or pixels),
+skipped (unreadable) clips and the host's throughput in clips per second.
 """
-import functools
 import time
 
 import jax
 import numpy as np
 from absl import logging
 
-from bridle_jax.data import audio
+from bridle_jax.data import inputs
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
 from bridle_jax.train import sharding as train_sharding
-
-
-def _device_features(data_config):
-  """A jitted fbank + normalisation of a waveform batch, as the train step does it."""
-  return jax.jit(functools.partial(
-      audio.features, num_mel_bins=data_config.num_mel_bins,
-      target_length=data_config.target_length, mean=data_config.mean, std=data_config.std,
-      sample_rate=data_config.sample_rate))
 
 
 def run_data_report(config, num_batches: int) -> dict:
@@ -37,20 +28,20 @@ def run_data_report(config, num_batches: int) -> dict:
   train_sharding.check_batch_divides(field, batch_size, mesh)
   sharding = train_sharding.batch_sharding(mesh)
   ds = pipeline.build_dataset(source, data, global_batch_size=batch_size, seed=config.seed)
-  features_fn = _device_features(data)
+  keys = inputs.batch_keys(data)
+  front_end = inputs.device_features(data)
+  features_fn = jax.jit(lambda batch: front_end(batch, None))  # no SpecAugment: the raw input
 
   iterator = iter(ds)
   first = next(iterator)  # Worker start-up and compilation stay out of the timing.
-  features = features_fn(*[pipeline.to_device_batch(first, sharding)[k]
-                           for k in ("waveform", "valid_frames")])
+  features = features_fn(pipeline.to_device_batch({k: first[k] for k in keys}, sharding))
   skipped = int(first["skipped"].sum())
   label_sum = first["label"].sum(0)
   start = time.perf_counter()
   clips = 0
   for _ in range(num_batches - 1):
     batch = next(iterator)
-    device_batch = pipeline.to_device_batch(batch, sharding)
-    features = features_fn(device_batch["waveform"], device_batch["valid_frames"])
+    features = features_fn(pipeline.to_device_batch({k: batch[k] for k in keys}, sharding))
     skipped += int(batch["skipped"].sum())
     label_sum += batch["label"].sum(0)
     clips += len(batch["label"])
@@ -64,7 +55,7 @@ def run_data_report(config, num_batches: int) -> dict:
       "min_clips_per_class": int(np.min(stats["clips_per_class"])),
       "max_clips_per_class": int(np.max(stats["clips_per_class"])),
       "steps_per_epoch": pipeline.steps_per_epoch(source, batch_size),
-      "waveform_batch": tuple(first["waveform"].shape),
+      f"{keys[0]}_batch": tuple(first[keys[0]].shape),
       "label_batch": tuple(first["label"].shape),
       "feature_batch": tuple(features.shape),
       "feature_mean": float(features.mean()),

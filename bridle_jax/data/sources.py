@@ -4,7 +4,7 @@ A source is a grain random-access data source (`len(source)`, `source[i]`) whose
 are plain, picklable dicts:
 
   {'path': str,            absolute file path (the original path string for TFDS)
-   'audio': bytes,         encoded file bytes; b'' means "read `path` from disk"
+   'audio': bytes,         encoded file bytes (audio, or an image); b'' means "read `path`"
    'labels': np.ndarray,   int32 class indices, possibly empty
    'fold': int}            manifest `fold`, -1 when absent
 
@@ -21,6 +21,8 @@ import os
 from typing import Sequence
 
 import numpy as np
+
+from bridle_jax.data import inputs
 
 FORMATS = ("json", "folder", "tfds")
 LABEL_CSV_COLUMNS = ("index", "mid", "display_name")
@@ -123,14 +125,15 @@ class PackedSource:
 class JsonManifestSource(PackedSource):
   """An AudioMAE/AST JSON manifest: `{"data": [entry, ...]}` or a bare list of entries.
 
-  An entry is {"wav": path, "labels": "mid1,mid2", "fold": int (optional)}. A leading ~
+  An entry is {"wav": path, "labels": "mid1,mid2", "fold": int (optional)}; image
+  manifests name the file "image" instead of "wav" (`file_key`). A leading ~
   is the home directory; relative paths resolve against the directory the manifest file
   really is in (symbolic links followed, as opening "<dir>/../x.wav" would); a missing or
   empty "labels" marks an unlabelled clip. Everything is validated here; audio files are
   not opened.
   """
 
-  def __init__(self, manifest_path: str, label_map: LabelMap):
+  def __init__(self, manifest_path: str, label_map: LabelMap, file_key: str = "wav"):
     self.manifest_path = os.path.abspath(manifest_path)
     entries = _read_json_entries(self.manifest_path)
     base_dir = os.path.dirname(os.path.realpath(self.manifest_path))
@@ -139,10 +142,10 @@ class JsonManifestSource(PackedSource):
       where = f"{self.manifest_path}: entry {i}"
       if not isinstance(entry, dict):
         raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
-      wav = entry.get("wav")
-      if not isinstance(wav, str) or not wav:
-        raise DataError(f"{where}: 'wav' must be a non-empty string, got {wav!r}")
-      paths.append(os.path.normpath(os.path.join(base_dir, os.path.expanduser(wav))))
+      path = entry.get(file_key)
+      if not isinstance(path, str) or not path:
+        raise DataError(f"{where}: {file_key!r} must be a non-empty string, got {path!r}")
+      paths.append(os.path.normpath(os.path.join(base_dir, os.path.expanduser(path))))
       labels.append(_parse_labels(entry.get("labels", ""), label_map, where))
       folds.append(_parse_fold(entry.get("fold"), where))
     super().__init__(paths, labels, folds, label_map)
@@ -155,7 +158,7 @@ class FolderSource(PackedSource):
   sorted for a deterministic order. Folds are -1.
   """
 
-  def __init__(self, root: str, extensions: Sequence[str] = (".wav", ".flac")):
+  def __init__(self, root: str, extensions: Sequence[str] = inputs.EXTENSIONS["audio"]):
     self.root = os.path.abspath(root)
     if not os.path.isdir(self.root):
       raise DataError(f"{self.root}: not a directory")
@@ -168,7 +171,7 @@ class FolderSource(PackedSource):
         paths.append(path)
         labels.append((class_index,))
     if not paths:
-      raise DataError(f"{self.root}: no audio files ({', '.join(suffixes)}) in class folders "
+      raise DataError(f"{self.root}: no files ({', '.join(suffixes)}) in class folders "
                       "(expected root/<class>/<file>)")
     names = tuple(class_dirs)
     super().__init__(paths, labels, [-1] * len(paths), LabelMap(names, names))
@@ -178,18 +181,24 @@ def open_source(data_config, base_dir: str = "."):
   """The source that `data_config` (format, manifest, label_csv) describes.
 
   Relative paths resolve against `base_dir`; label_csv is only read for "json" (folder
-  and TFDS sources carry their own class names).
+  and TFDS sources carry their own class names). `data.modality` picks the manifest's
+  file field and the file types of a class folder; TFDS sets hold audio only.
   """
   data_format = data_config.format
+  modality = inputs.modality(data_config)
   if data_format not in FORMATS:
     raise DataError(f"data.format: unknown format {data_format!r} (known: {', '.join(FORMATS)})")
   if data_format == "json":
     manifest = _config_path(data_config, "manifest", base_dir, want_dir=False)
     label_csv = _config_path(data_config, "label_csv", base_dir, want_dir=False)
-    return JsonManifestSource(manifest, load_label_map(label_csv))
+    return JsonManifestSource(manifest, load_label_map(label_csv),
+                              file_key=inputs.MANIFEST_FILE_KEY[modality])
+  if data_format == "tfds" and modality != "audio":
+    raise DataError(f"data.format: 'tfds' sets hold audio; data.modality={modality!r} "
+                    "reads a json manifest or a class folder")
   manifest = _config_path(data_config, "manifest", base_dir, want_dir=True)
   if data_format == "folder":
-    return FolderSource(manifest)
+    return FolderSource(manifest, inputs.EXTENSIONS[modality])
   from bridle_jax.data import tfds_builder  # Deferred: it imports this module and tfds.
   return tfds_builder.TfdsSource(manifest)
 

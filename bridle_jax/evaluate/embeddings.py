@@ -4,6 +4,9 @@ The encoder runs without masking on the clip's fbank, exactly as in pretraining 
 pretraining config's sample rate, mel bins, frame count and normalisation); patch embeddings
 are its final-norm outputs at the patch tokens (CLS dropped), pooled embeddings their mean.
 Clips longer than `target_length` frames are cut to their start, shorter ones zero-padded.
+An encoder pretrained on images sees each image with its shorter side resized to
+image_size / 0.875 and centre-cropped, normalised as in pretraining (`embed_images`; the
+CLI and `embed_files` read image files, and image manifests name their file "image").
 
   from bridle_jax.evaluate import embeddings
   embedder = embeddings.Embedder.from_workdir("/runs/bridle")        # last finished phase
@@ -37,10 +40,13 @@ import ml_collections
 import numpy as np
 import soxr
 from absl import logging
+from PIL import Image
 
 from bridle_jax import files
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import audio
+from bridle_jax.data import image
+from bridle_jax.data import inputs
 from bridle_jax.data import sources
 from bridle_jax.models import classifier
 from bridle_jax.models import platform
@@ -82,47 +88,43 @@ def prepare_waveform(waveform, sample_rate: int, target_sr: int) -> np.ndarray:
 
 
 def clip_batches(source: Sequence[dict], data_config, batch_size: int
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]]:
-  """Decodes `source` in order: (indices, waveforms, valid_frames, failed indices) per batch.
+                 ) -> Iterator[tuple[np.ndarray, dict, list[int]]]:
+  """Decodes `source` in order, unaugmented: (indices, batch dict, failed indices) per batch.
 
-  Unreadable clips are logged and reported in `failed`; their waveform rows are zeros.
+  The batch holds `inputs.batch_keys` arrays. Unreadable records are logged and reported
+  in `failed`; their rows are zeros.
   """
   def load(index):
-    record = source[index]
     try:
-      wave = audio.load_audio(record["audio"] or record["path"], data_config.sample_rate,
-                              name=record["path"],
-                              max_seconds=data_config.get("max_clip_seconds", 0.0))
-    except audio.AudioDecodeError as e:
+      return inputs.load_plain(source[index], data_config)
+    except inputs.DecodeError as e:
       logging.warning("Unreadable clip %d: %s", index, e)
       return None
-    return audio.pad_or_crop(wave, data_config.target_length, data_config.sample_rate)
 
-  silence = (np.zeros(audio.num_samples_for_frames(data_config.target_length,
-                                                   data_config.sample_rate), np.float32), 0)
+  blank = inputs.blank(data_config)
   with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
     for start in range(0, len(source), batch_size):
       indices = np.arange(start, min(start + batch_size, len(source)))
       loaded = list(pool.map(load, indices))
-      failed = [int(i) for i, clip in zip(indices, loaded) if clip is None]
-      clips = [silence if clip is None else clip for clip in loaded]
-      yield (indices, np.stack([wave for wave, _ in clips]),
-             np.asarray([valid for _, valid in clips], np.int32), failed)
+      failed = [int(i) for i, example in zip(indices, loaded) if example is None]
+      yield indices, inputs.stack([blank if ex is None else ex for ex in loaded]), failed
 
 
 def random_encoder_params(model_config, data_config, rng: jax.Array) -> dict:
   """Freshly initialised encoder params (unboxed) for the data config's input size."""
   encoder = vit.encoder_from_config(model_config, classifier.input_grid(model_config, data_config))
-  x = jnp.zeros((1, data_config.target_length, data_config.num_mel_bins), jnp.float32)
+  x = jnp.zeros((1, *inputs.input_shape(data_config)), jnp.float32)
   return nn.unbox(encoder.init(rng, x)["params"])
 
 
 class Embedder:
-  """Runs a pretrained encoder (unmasked) on waveforms; batches are padded to `batch_size`."""
+  """Runs a pretrained encoder (unmasked) on clips or images; batches are padded to
+  `batch_size`."""
 
   def __init__(self, model_config, data_config, encoder_params: dict,
                batch_size: int = DEFAULT_BATCH_SIZE):
     self.data = data_config
+    self._features = inputs.device_features(data_config)
     self.encoder = vit.encoder_from_config(model_config,
                                            classifier.input_grid(model_config, data_config))
     self.params = encoder_params
@@ -143,6 +145,9 @@ class Embedder:
     data = ml_collections.ConfigDict(config.data.to_dict())
     model = ml_collections.ConfigDict(config.model.to_dict())
     if target_length:
+      if inputs.modality(data) != "audio":
+        raise ValueError(f"target_length is for audio; this run pretrained on "
+                         f"{inputs.modality(data)}s")
       if target_length % config.model.patch_size:
         raise ValueError(f"target_length {target_length} is not a multiple of the patch size "
                          f"{config.model.patch_size}")
@@ -150,39 +155,54 @@ class Embedder:
       data.target_length = target_length
     return cls(model, data, tree["params"]["encoder"], batch_size)
 
-  def _embed_batch(self, params, waveforms, valid_frames, with_patch: bool):
-    x = audio.features(waveforms, valid_frames, num_mel_bins=self.data.num_mel_bins,
-                       target_length=self.data.target_length, mean=self.data.mean,
-                       std=self.data.std, sample_rate=self.data.sample_rate)
-    features, _, _ = self.encoder.apply({"params": params}, x, apply_mask=False)
+  def _embed_batch(self, params, batch, with_patch: bool):
+    features, _, _ = self.encoder.apply({"params": params}, self._features(batch, None),
+                                        apply_mask=False)
     patch = features[:, 1:].astype(jnp.float32)
     return {"patch": patch, "pooled": patch.mean(axis=1)} if with_patch else {
         "pooled": patch.mean(axis=1)}
 
-  def embed_prepared(self, waveforms: np.ndarray, valid_frames: np.ndarray,
-                     with_patch: bool = True) -> dict:
-    """{'pooled'[, 'patch']} of `audio.pad_or_crop` waveforms (B, samples) and valid frames
-    (without `with_patch` the patch embeddings are neither kept nor copied off the device)."""
-    count = len(waveforms)
+  def embed_prepared(self, batch: dict, with_patch: bool = True) -> dict:
+    """{'pooled'[, 'patch']} of a batch as `clip_batches` yields it (without `with_patch`
+    the patch embeddings are neither kept nor copied off the device)."""
+    count = len(next(iter(batch.values())))
     pad = -count % self.batch_size
-    waveforms = np.concatenate([waveforms, np.zeros((pad, *waveforms.shape[1:]), np.float32)])
-    valid_frames = np.concatenate([np.asarray(valid_frames, np.int32), np.zeros(pad, np.int32)])
-    outputs = [jax.device_get(self._forward(self.params, waveforms[start:start + self.batch_size],
-                                            valid_frames[start:start + self.batch_size],
-                                            with_patch=with_patch))
-               for start in range(0, len(waveforms), self.batch_size)]
+    batch = {key: np.concatenate([value, np.zeros((pad, *value.shape[1:]), value.dtype)])
+             for key, value in batch.items()}
+    outputs = [jax.device_get(self._forward(
+        self.params, {key: value[start:start + self.batch_size] for key, value in batch.items()},
+        with_patch=with_patch)) for start in range(0, count + pad, self.batch_size)]
     return {key: np.concatenate([out[key] for out in outputs])[:count] for key in outputs[0]}
 
   def embed_waveforms(self, waveforms: Sequence[np.ndarray], sample_rate: int) -> dict:
     """{'patch' (B, L, D), 'pooled' (B, D)} of raw waveforms at `sample_rate` (resampled)."""
+    self._require_modality("audio")
     fitted = [audio.pad_or_crop(prepare_waveform(w, sample_rate, self.data.sample_rate),
                                 self.data.target_length, self.data.sample_rate)
               for w in waveforms]
-    return self.embed_prepared(np.stack([w for w, _ in fitted]),
-                               np.asarray([v for _, v in fitted], np.int32))
+    return self.embed_prepared({"waveform": np.stack([w for w, _ in fitted]),
+                                "valid_frames": np.asarray([v for _, v in fitted], np.int32)})
+
+  def embed_images(self, images: Sequence[np.ndarray]) -> dict:
+    """{'patch' (B, L, D), 'pooled' (B, D)} of RGB images, (H, W, 3) uint8 arrays of any
+    size, resized and centre-cropped as in evaluation."""
+    self._require_modality("image")
+    crops = []
+    for img in images:
+      img = np.asarray(img)
+      if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {img.dtype} {img.shape}")
+      crops.append(image.eval_crop(Image.fromarray(img), self.data.image_size))
+    return self.embed_prepared({"image": np.stack(crops)})
+
+  def _require_modality(self, name: str) -> None:
+    if inputs.modality(self.data) != name:
+      raise ValueError(f"this encoder was pretrained on {inputs.modality(self.data)} input, "
+                       f"not {name}")
 
   def embed_files(self, paths: Sequence[str]) -> dict:
-    """{'patch', 'pooled', 'failed'} of audio files; failed files get NaN rows."""
+    """{'patch', 'pooled', 'failed'} of audio (or, for an image encoder, image) files;
+    failed files get NaN rows."""
     records = [{"path": os.fspath(p), "audio": b""} for p in paths]
     return self.embed_source(records, include_patch=True)
 
@@ -200,8 +220,8 @@ class Embedder:
       shape = (len(source), self.encoder.num_patches, width)
       result["patch"] = (np.empty(shape, np.float32) if patch_file is None else
                          np.lib.format.open_memmap(patch_file, "w+", np.float32, shape))
-    for indices, waves, valid, batch_failed in clip_batches(source, self.data, self.batch_size):
-      out = self.embed_prepared(waves, valid, with_patch=include_patch)
+    for indices, batch, batch_failed in clip_batches(source, self.data, self.batch_size):
+      out = self.embed_prepared(batch, with_patch=include_patch)
       result["pooled"][indices] = out["pooled"]
       if include_patch:
         result["patch"][indices] = out["patch"]
@@ -236,7 +256,8 @@ def embed_manifest(workdir: str, manifest: str, output: str, *, label_csv: str =
   """Embeds every clip of a manifest into `output` (npz, see the module doc); returns a report."""
   embedder = Embedder.from_workdir(workdir, phase_id, target_length, batch_size)
   source = sources.open_source(ml_collections.ConfigDict(
-      {"format": data_format, "manifest": manifest, "label_csv": label_csv}))
+      {"format": data_format, "manifest": manifest, "label_csv": label_csv,
+       "modality": inputs.modality(embedder.data)}))
   output = os.path.abspath(output)
   os.makedirs(os.path.dirname(output), exist_ok=True)
   # Patch embeddings go to a memory map beside the output and stream from it into the npz.

@@ -37,6 +37,7 @@ from absl import logging
 from bridle_jax import config_validation
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import audio
+from bridle_jax.data import inputs
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
 from bridle_jax.evaluate import embeddings
@@ -248,6 +249,10 @@ def adopt_pretrained_architecture(config) -> None:
   """Copies the encoder architecture of `config.init_from` into `config.model`, and its clip
   length into `model.pos_table_frames` (shorter clips take their pos rows from that table)."""
   pretrained_config = workdir_lib.load_config(config.init_from)
+  if inputs.modality(pretrained_config.data) != "audio":
+    raise ValueError(f"init_from: {config.init_from} pretrained on "
+                     f"{inputs.modality(pretrained_config.data)}s, and fine-tuning and linear "
+                     "probes take audio; embed images with bridle_jax.evaluate.embeddings")
   pretrained = {**{field: pretrained_config.model[field] for field in ARCHITECTURE_FIELDS},
                 "pos_table_frames": pretrained_config.data.target_length}
   for field, value in pretrained.items():

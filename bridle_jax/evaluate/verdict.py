@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 
 from bridle_jax import workdir as workdir_lib
+from bridle_jax.data import inputs
 from bridle_jax.data import sources
 from bridle_jax.evaluate import embeddings
 from bridle_jax.evaluate import fast_probe
@@ -30,7 +31,8 @@ def _demo_sources(config) -> dict:
   result = {}
   for split in ("train", "eval"):
     data = ml_collections.ConfigDict({"format": "json", "label_csv": config.data.label_csv,
-                                      "manifest": os.path.join(corpus_dir, f"{split}.json")})
+                                      "manifest": os.path.join(corpus_dir, f"{split}.json"),
+                                      "modality": inputs.modality(config.data)})
     result[split] = sources.open_source(data)
   return result
 
@@ -48,14 +50,14 @@ def codebook_usage(pretrain_config, models, tree: dict, source, cold_start: bool
   spec = models.quantizer
 
   @jax.jit
-  def codes_of(params, codebooks, waveforms, valid_frames):
-    x = models.features({"waveform": waveforms, "valid_frames": valid_frames}, None)
+  def codes_of(params, codebooks, batch):
+    x = models.features(batch, None)
     return steps.tokenizer_codes(models, params, codebooks, x, cold_start=cold_start)[0]
 
   counts = np.zeros((spec.num_codebooks, spec.codebook_size), np.int64)
   batches = embeddings.clip_batches(source, data, embeddings.DEFAULT_BATCH_SIZE)
-  for indices, waves, valid, failed in batches:
-    codes = np.asarray(codes_of(tree["params"], tree["codebooks"], waves, valid))
+  for indices, batch, failed in batches:
+    codes = np.asarray(codes_of(tree["params"], tree["codebooks"], batch))
     per_stage = codes[~np.isin(indices, failed)].reshape(-1, spec.num_codebooks, spec.soft_code)
     for stage in range(spec.num_codebooks):
       counts[stage] += np.bincount(per_stage[:, stage].ravel(), minlength=spec.codebook_size)

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bridle_jax.data import inputs
 from bridle_jax.models import masking
 from bridle_jax.models.layers import (Attention, Dtype, Mlp, PatchEmbed, layer_norm, partitioned,
                                       rematted)
@@ -122,9 +123,8 @@ class Classifier(ViTBackbone):
 
 
 def input_grid(model_cfg: Any, data_cfg: Any) -> tuple[int, int]:
-  """(time, frequency) patches of the data config's fbank for the model's patch size."""
-  return (data_cfg.target_length // model_cfg.patch_size,
-          data_cfg.num_mel_bins // model_cfg.patch_size)
+  """(rows, cols) patches of the data config's input for the model's patch size."""
+  return inputs.patch_grid(data_cfg, model_cfg.patch_size)
 
 
 def classifier_from_config(model_cfg: Any, finetune_cfg: Any, grid: tuple[int, int],

@@ -6,7 +6,6 @@ both groups; the optimizer state holds one entry per updated group. The quantize
 codebooks travel as explicit state next to the parameters.
 """
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax
@@ -15,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bridle_jax.data import audio
+from bridle_jax.data import inputs
 from bridle_jax.models import decoder as decoder_lib
 from bridle_jax.models import quantizer
 from bridle_jax.models import tokenizer as tokenizer_lib
@@ -27,37 +26,29 @@ MODULES = ("encoder", "decoder", "tokenizer", "estimator")
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-  """The four Flax modules, the quantizer spec and the on-device audio front end."""
+  """The four Flax modules, the quantizer spec and the on-device front end."""
   encoder: nn.Module
   decoder: nn.Module
   tokenizer: nn.Module
   estimator: nn.Module
   quantizer: quantizer.QuantizerSpec
-  features: Callable[[dict, Any], jax.Array]  # (batch, rng or None) -> (B, T, F)
-  input_shape: tuple[int, int]  # (frames, mel bins)
+  features: Callable[[dict, Any], jax.Array]  # (batch, rng or None) -> (B, *input_shape)
+  input_shape: tuple[int, ...]  # (frames, mel bins) or (size, size, 3)
 
 
 def build_models(config) -> Models:
   """Modules sized by `config.model` for the `config.data` input."""
   data, model = config.data, config.model
-  grid = (data.target_length // model.patch_size, data.num_mel_bins // model.patch_size)
+  grid = inputs.patch_grid(data, model.patch_size)
   spec = quantizer.quantizer_spec_from_config(model.quantizer)
   num_tokens = spec.codebook_size * spec.num_codebooks * spec.soft_code
-  front_end = functools.partial(
-      audio.features, num_mel_bins=data.num_mel_bins, target_length=data.target_length,
-      mean=data.mean, std=data.std, freqm=data.freqm, timem=data.timem,
-      sample_rate=data.sample_rate)
-
-  def features(batch, rng):
-    return front_end(batch["waveform"], batch["valid_frames"], rng=rng)
-
   return Models(
       encoder=vit.encoder_from_config(model, grid),
       decoder=decoder_lib.decoder_from_config(model, grid, num_tokens),
       tokenizer=tokenizer_lib.tokenizer_from_config(model, grid),
       estimator=tokenizer_lib.estimator_from_config(model, grid),
-      quantizer=spec, features=features,
-      input_shape=(data.target_length, data.num_mel_bins))
+      quantizer=spec, features=inputs.device_features(data),
+      input_shape=inputs.input_shape(data))
 
 
 def init_params(models: Models, rng: jax.Array) -> dict:
