@@ -25,6 +25,7 @@ setup(
         "etils[epath]>=1.7",
         "array-record>=0.7",
         "matplotlib>=3.7,<4",
+        "pillow>=10",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "kaldi-native-fbank>=1.20,<2",
