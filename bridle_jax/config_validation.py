@@ -100,6 +100,9 @@ def _check_image_data(config) -> None:
            f"must be (low, high) with 0 < low <= high, got {tuple(d.crop_ratio)}")
   _require(not m.mask_2d, "model.mask_2d", "time/frequency masking is for audio; use "
            "model.mask_ratio for images")
+  _require(m.pos_table_frames == 0, "model.pos_table_frames",
+           f"is for audio clips shorter than pretraining; must be 0 for images, got "
+           f"{m.pos_table_frames}")
 
 
 def validate_config(config: ml_collections.ConfigDict, data_paths: bool = True) -> None:
@@ -115,6 +118,10 @@ def validate_config(config: ml_collections.ConfigDict, data_paths: bool = True) 
                "is empty; data.format='json' needs a class_labels_indices.csv")
   if "modality" in d:  # configs saved before images were supported are audio
     _one_of(config, "data.modality", inputs.MODALITIES)
+  modality = inputs.modality(d)
+  missing = [f"data.{name}" for name in inputs.REQUIRED_FIELDS[modality] if name not in d]
+  _require(not missing, "data.modality", f"{modality!r} needs {', '.join(missing)}; start from "
+           f"configs/{modality}.py")
   if inputs.modality(d) == "image":
     _check_image_data(config)
   else:

@@ -66,7 +66,8 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str,
                      fields=SHAPE_FIELDS) -> None:
   """Raises ValueError naming the first of `fields` where `workdir`'s saved config differs."""
   saved, current = _flat_configs(config, workdir)
-  for key in sorted(set(saved) | set(current)):
+  # The modality first: another modality differs in every data field.
+  for key in sorted(set(saved) | set(current), key=lambda k: (k != "data.modality", k)):
     if key in SPEED_DEFAULTS or not _under(key, fields):
       continue
     saved_value = saved.get(key, ADDED_DEFAULTS.get(key))

@@ -13,11 +13,13 @@ from PIL import Image
 
 from bridle_jax import config_validation
 from bridle_jax import workdir as workdir_lib
+from bridle_jax.convert import from_torch
 from bridle_jax.convert import to_torch
 from bridle_jax.data import demo_images
 from bridle_jax.data import image
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
+from bridle_jax.models import pos_embed
 from bridle_jax.models import quantizer
 from bridle_jax.train import state as state_lib
 from configs import image as image_config
@@ -67,6 +69,13 @@ def test_train_crop_flips_half_the_time_and_eval_crop_takes_the_centre():
   crop = image.train_crop(img, 32, rng, (1.0, 1.0), (1.5, 1.5), hflip=False)
   assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8 and crop[:, 0, 0].min() > 200
 
+  # torchvision's Resize(73) + CenterCrop(64) of a 640 x 427 image: 109 x 73 (long side
+  # truncated), then the crop at (round(22.5), round(4.5)) = (22, 4).
+  gradient = np.random.default_rng(1).integers(0, 256, (427, 640, 3), dtype=np.uint8)
+  resized = Image.fromarray(gradient).resize((109, 73), Image.Resampling.BICUBIC)
+  np.testing.assert_array_equal(image.eval_crop(Image.fromarray(gradient), 64),
+                                np.asarray(resized.crop((22, 4, 86, 68))))
+
   marked = np.zeros((300, 200, 3), np.uint8)
   marked[140:160, 90:110] = 255  # a white square at the centre
   out = image.eval_crop(Image.fromarray(marked), 64)
@@ -110,7 +119,8 @@ def test_image_manifests_and_folders_open_as_sources(tmp_path):
   # A class folder of images; audio files there are not images.
   for cls in ("cat", "dog"):
     os.makedirs(tmp_path / "folder" / cls)
-    _png(tmp_path / "folder" / cls / "a.JPG.png", np.zeros((8, 8, 3), np.uint8))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "folder" / cls / "a.JPEG",
+                                                        format="JPEG")
     (tmp_path / "folder" / cls / "b.wav").write_bytes(b"")
   folder = sources.open_source(_image_data(str(tmp_path / "folder"), data_format="folder"))
   assert len(folder) == 2 and folder.class_names == ["cat", "dog"]
@@ -153,6 +163,9 @@ def test_pipeline_batches_uint8_crops_and_skips_unreadable_images(tmp_path):
     ("encoder_phase.reuse_codes", True, "encoder_phase.reuse_codes: needs unaugmented input, "
      "and image pretraining crops at random"),
     ("data.modality", "video", "data.modality: 'video' is not one of 'audio', 'image'"),
+    ("data.modality", "audio", "data.modality: 'audio' needs data.sample_rate, "
+     "data.num_mel_bins, data.target_length; start from configs/audio.py"),
+    ("model.pos_table_frames", 256, "model.pos_table_frames: is for audio clips shorter"),
 ])
 def test_invalid_image_config_fields_are_named(field, value, expected):
   config = image_config.get_config("demo")
@@ -164,6 +177,16 @@ def test_invalid_image_config_fields_are_named(field, value, expected):
   with pytest.raises(config_validation.ConfigError) as error:
     config_validation.validate_config(config)
   assert str(error.value).startswith(expected)
+
+
+def test_an_audio_config_switched_to_images_names_the_missing_fields():
+  from configs import audio  # pylint: disable=import-outside-toplevel
+  config = audio.get_config("demo")
+  config.data.modality = "image"
+  with pytest.raises(config_validation.ConfigError, match=r"^data.modality: 'image' needs "
+                     r"data.image_size, data.crop_scale, data.crop_ratio, data.hflip; start "
+                     r"from configs/image.py"):
+    config_validation.validate_config(config)
 
 
 def test_the_image_recipe_is_the_reference_one():
@@ -220,6 +243,12 @@ def test_vitb_image_export_has_the_official_image_shapes_and_parameter_counts():
   assert shapes["tokenizer.pos_embed"] == (1, 197, 768)
   assert shapes["tokenizer.estimator_pos_embed"] == (1, 196, 768)
   assert shapes["encoder_decoder.decoder_blocks.15.attn.qkv.weight"] == (1536, 512)
+  # MAE's table: token k = 14 row + col; first half encodes the column, second the row.
+  table = state["encoder_decoder.pos_embed"][0]
+  np.testing.assert_array_equal(table[0], 0.0)
+  k = np.arange(196)
+  np.testing.assert_allclose(table[1:, :384], pos_embed.sincos_1d(k % 14, 384), atol=1e-6)
+  np.testing.assert_allclose(table[1:, 384:], pos_embed.sincos_1d(k // 14, 384), atol=1e-6)
   buffers = ("cluster_size_ema", "embed_ema", "initted")
 
   def count(prefix, skip=()):
@@ -236,7 +265,7 @@ def test_vitb_image_export_has_the_official_image_shapes_and_parameter_counts():
       1000, 768)
 
 
-def test_image_export_parity_with_the_torch_reference():
+def test_image_export_round_trips_and_matches_the_torch_reference():
   torch = pytest.importorskip("torch")
   from bridle_jax.convert import torch_reference  # pylint: disable=import-outside-toplevel
   config = image_config.get_config("demo")
@@ -254,9 +283,13 @@ def test_image_export_parity_with_the_torch_reference():
           "logits": models.decoder.apply({"params": params["decoder"]}, features, ids_restore),
           "z": z, "codes": quantizer.quantize(spec, codebooks, z)[1]}
 
+  exported = to_torch.pretrain_state_dict(config, tree)
+  imported = from_torch.from_state_dict(exported, config)
+  assert jax.tree.structure(imported) == jax.tree.structure(tree)
+  for ours_leaf, back in zip(jax.tree.leaves(tree), jax.tree.leaves(imported)):
+    np.testing.assert_array_equal(np.asarray(ours_leaf), np.asarray(back))
   model = torch_reference.pretrain_model(config).eval()
-  state = {k: torch.from_numpy(np.array(v))
-           for k, v in to_torch.pretrain_state_dict(config, tree).items()}
+  state = {k: torch.from_numpy(np.array(v)) for k, v in exported.items()}
   result = model.load_state_dict(state, strict=True)
   assert not result.missing_keys and not result.unexpected_keys
   nchw = torch.from_numpy(x).permute(0, 3, 1, 2)

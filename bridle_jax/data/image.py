@@ -86,13 +86,15 @@ def train_crop(img: Image.Image, size: int, rng: np.random.Generator,
 
 
 def eval_crop(img: Image.Image, size: int) -> np.ndarray:
-  """Shorter side resized to size / 0.875 (bicubic), then the centred (size, size) crop."""
+  """Shorter side resized to size / 0.875 (bicubic), then the centred (size, size) crop,
+  with torchvision's Resize + CenterCrop arithmetic (long side truncated, offset rounded)."""
   short = int(size / EVAL_CROP_FRACTION)
-  scale = short / min(img.width, img.height)
-  width = max(size, int(round(img.width * scale)))
-  height = max(size, int(round(img.height * scale)))
+  if img.width <= img.height:
+    width, height = short, int(short * img.height / img.width)
+  else:
+    width, height = int(short * img.width / img.height), short
   resized = img.resize((width, height), Image.Resampling.BICUBIC)
-  left, top = (width - size) // 2, (height - size) // 2
+  left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
   return np.asarray(resized.crop((left, top, left + size, top + size)), np.uint8)
 
 

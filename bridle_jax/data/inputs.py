@@ -19,7 +19,11 @@ MODALITIES = ("audio", "image")
 DecodeError = (audio.AudioDecodeError, image.ImageDecodeError)
 # File suffixes a class folder is searched for.
 EXTENSIONS = {"audio": (".wav", ".flac"),
-              "image": (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")}
+              "image": (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff",
+                        ".webp")}  # torchvision ImageFolder's
+# Data fields each modality needs (a config of the other kind lacks them).
+REQUIRED_FIELDS = {"audio": ("sample_rate", "num_mel_bins", "target_length"),
+                   "image": ("image_size", "crop_scale", "crop_ratio", "hflip")}
 # The JSON manifest entry field that holds a record's file.
 MANIFEST_FILE_KEY = {"audio": "wav", "image": "image"}
 

@@ -228,6 +228,9 @@ def validate(config, mode: str) -> None:
   """Raises ConfigError naming the first invalid fine-tuning field."""
   ft = config.finetune
   _require(mode in MODES, "mode", f"{mode!r} is not one of {', '.join(map(repr, MODES))}")
+  _require(inputs.modality(config.data) == "audio", "data.modality",
+           "fine-tuning and linear probes take audio; embed images with "
+           "bridle_jax.evaluate.embeddings")
   _require(ft.loss in LOSSES, "finetune.loss", f"{ft.loss!r} is not one of 'bce', 'ce'")
   for field in ("batch_size", "epochs", "lr", "fast_probe_steps"):
     _require(ft[field] > 0, f"finetune.{field}", f"must be > 0, got {ft[field]!r}")
