@@ -53,7 +53,7 @@ MULTI_LABEL = {"audioset": True, "esc50": False, "speechcommands": False}
 DEMO_ALIASES = {"demo": "esc50", "probe_demo": "esc50_probe"}
 
 
-def _finetune_block(lr, epochs, warmup_epochs, batch_size, loss) -> ml_collections.ConfigDict:
+def finetune_block(lr, epochs, warmup_epochs, batch_size, loss) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, min_lr=1e-6, weight_decay=5e-4,
       batch_size=batch_size,
@@ -98,7 +98,7 @@ def get_config(arg: str = "esc50") -> ml_collections.ConfigDict:
   d.mixup = 0.5
   d.freqm = 48
   d.timem = 48 if dataset == "speechcommands" else 192
-  c.finetune = _finetune_block(lr, epochs, warmup, batch_size,
+  c.finetune = finetune_block(lr, epochs, warmup, batch_size,
                                "bce" if d.multi_label else "ce")
   c.finetune.update(extra)
   if mode == "probe":  # the reference's probe scripts pass no masking flags

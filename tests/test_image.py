@@ -203,6 +203,21 @@ def test_the_image_recipe_is_the_reference_one():
   config_validation.validate_config(c)
 
 
+def test_the_image_probe_recipe_is_the_reference_one():
+  from bridle_jax.evaluate import finetune  # pylint: disable=import-outside-toplevel
+  from configs import finetune_image  # pylint: disable=import-outside-toplevel
+  c = finetune_image.get_config("in1k_probe")
+  ft = c.finetune
+  assert (c.mode, ft.lr, ft.epochs, ft.warmup_epochs, ft.batch_size, ft.loss) == (
+      "probe", 8e-3, 200, 10, 256, "ce")
+  assert (ft.layer_decay, ft.weight_decay, ft.min_lr) == (0.75, 5e-4, 1e-6)
+  c.data.manifest, c.data.eval_manifest = "/data/train", "/data/val"
+  finetune.validate(c, c.mode)
+  config_validation.validate_config(c)
+  with pytest.raises(ValueError, match="unknown variant 'in1k'"):
+    finetune_image.get_config("in1k")
+
+
 def test_demo_images_are_deterministic_and_reused(tmp_path):
   a = demo_images.write_demo_images(str(tmp_path / "a"), images_per_class=2,
                                     eval_images_per_class=1, seed=3)
@@ -349,10 +364,25 @@ def test_image_demo_pretrains_embeds_and_exports(tmp_path):
   with pytest.raises(ValueError, match="pretrained on image input, not audio"):
     embedder.embed_waveforms([np.zeros(16000, np.float32)], sample_rate=16000)
 
-  probe = _cli("bridle_jax.main", "--config=configs/finetune_audio.py:probe_demo",
-               f"--workdir={tmp_path / 'probe'}", f"--config.init_from={workdir}")
-  assert probe.returncode != 0
-  assert "init_from: " in probe.stderr and "pretrained on images" in probe.stderr
+  # A linear probe of the image encoder; an audio recipe and image fine-tuning are refused.
+  probe = _cli("bridle_jax.main", "--config=configs/finetune_image.py:probe_demo",
+               f"--workdir={tmp_path / 'probe'}", f"--config.init_from={workdir}",
+               "--config.finetune.steps=6", "--config.finetune.eval_every_epochs=100")
+  assert probe.returncode == 0, probe.stderr[-3000:]
+  with open(tmp_path / "probe" / "summary.json") as f:
+    result = json.load(f)["runs"]["probe"]
+  assert result["eval_clips"] == 80 and result["train_clips"] == 320
+  assert 0.0 <= result["final"]["accuracy"] <= 1.0
+  audio_probe = _cli("bridle_jax.main", "--config=configs/finetune_audio.py:probe_demo",
+                     f"--workdir={tmp_path / 'audio_probe'}", f"--config.init_from={workdir}")
+  assert audio_probe.returncode != 0
+  assert (f"error: init_from: {workdir} pretrained on image input, and this config reads "
+          "audio; use configs/finetune_image.py") in audio_probe.stderr
+  finetune = _cli("bridle_jax.main", "--config=configs/finetune_image.py:probe_demo",
+                  f"--workdir={tmp_path / 'finetune'}", f"--config.init_from={workdir}",
+                  "--config.mode=finetune")
+  assert finetune.returncode != 0
+  assert "error: mode: image encoders are evaluated by linear probes" in finetune.stderr
 
   pytest.importorskip("torch")
   export = _cli("bridle_jax.convert.to_torch", f"--workdir={workdir}",
@@ -360,3 +390,11 @@ def test_image_demo_pretrains_embeds_and_exports(tmp_path):
   assert export.returncode == 0, export.stderr[-3000:]
   summary = json.loads(export.stdout[export.stdout.index("{"):])
   assert summary["finetune"]["num_classes"] == 1000
+  classifier = _cli("bridle_jax.convert.to_torch", f"--workdir={tmp_path / 'probe'}",
+                    f"--output={tmp_path / 'classifier.pth'}")
+  assert classifier.returncode == 0, classifier.stderr[-3000:]
+  import torch  # pylint: disable=import-outside-toplevel
+  state = torch.load(tmp_path / "classifier.pth", weights_only=True)["model"]
+  assert tuple(state["head.weight"].shape) == (8, 64)
+  assert tuple(state["pos_embed"].shape) == (1, 65, 64)
+  assert tuple(state["patch_embed.proj.weight"].shape) == (64, 3, 8, 8)

@@ -9,6 +9,8 @@
   probe     the reference linear probe: only fc_norm and head train, on the same augmented
             stream. With `finetune.fast_probe` a logistic regression on the frozen encoder's
             mean-pooled embeddings replaces it (`fast_probe`; seconds, for quick checks).
+Image encoders (configs/finetune_image.py) are evaluated in mode probe, on random resized
+crops and flips, and evaluated on centre crops.
 
 The encoder comes from `init_from` (a pretraining workdir; `init_phase`, default its last
 finished phase), whose architecture fields replace `config.model`'s; without `init_from`
@@ -36,7 +38,6 @@ from absl import logging
 
 from bridle_jax import config_validation
 from bridle_jax import workdir as workdir_lib
-from bridle_jax.data import audio
 from bridle_jax.data import inputs
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
@@ -58,7 +59,6 @@ from bridle_jax.train import steps
 MODES = ("finetune", "probe")
 LOSSES = ("bce", "ce")
 PROBE_KEYS = ("fc_norm", "head")
-BATCH_KEYS = ("waveform", "valid_frames", "label")
 # config.model fields taken from the pretrained workdir.
 ARCHITECTURE_FIELDS = ("size", "width", "depth", "num_heads", "mlp_ratio", "patch_size",
                        "pos_grid", "in_chans")
@@ -182,7 +182,7 @@ def train_step(state: ClassifierState, batch: dict, *, model: nn.Module, feature
                scales: dict, trainable: tuple[str, ...]):
   """One optimizer step on the trainable params: (state, batch) -> (state, metrics)."""
   rng, aug_rng, dropout_rng, mask_rng = jax.random.split(state.rng, 4)
-  x = features(batch["waveform"], batch["valid_frames"], rng=aug_rng)
+  x = features(batch, aug_rng)  # SpecAugment where data.freqm/timem > 0
   updated = {k: state.params[k] for k in trainable}
   frozen = {k: v for k, v in state.params.items() if k not in updated}
 
@@ -207,16 +207,8 @@ def train_step(state: ClassifierState, batch: dict, *, model: nn.Module, feature
 
 def eval_step(params: dict, batch: dict, *, model: nn.Module, features: Callable):
   """Logits of a batch without augmentation; labels and the row mask pass through."""
-  x = features(batch["waveform"], batch["valid_frames"], rng=None)
+  x = features(batch, None)
   return model.apply({"params": params}, x, train=False), batch["label"], batch["mask"]
-
-
-def front_end(data_config) -> Callable:
-  """`audio.features` bound to the data config (SpecAugment when given an rng)."""
-  return functools.partial(
-      audio.features, num_mel_bins=data_config.num_mel_bins,
-      target_length=data_config.target_length, mean=data_config.mean, std=data_config.std,
-      freqm=data_config.freqm, timem=data_config.timem, sample_rate=data_config.sample_rate)
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -228,9 +220,11 @@ def validate(config, mode: str) -> None:
   """Raises ConfigError naming the first invalid fine-tuning field."""
   ft = config.finetune
   _require(mode in MODES, "mode", f"{mode!r} is not one of {', '.join(map(repr, MODES))}")
-  _require(inputs.modality(config.data) == "audio", "data.modality",
-           "fine-tuning and linear probes take audio; embed images with "
-           "bridle_jax.evaluate.embeddings")
+  if inputs.modality(config.data) == "image":
+    _require(mode == "probe", "mode", "image encoders are evaluated by linear probes "
+             "(mode 'probe'); fine-tuning them (learnable pos_embed, RandAugment, random "
+             "erasing) is not built yet")
+    _require(not ft.mask_2d, "finetune.mask_2d", "time/frequency masking is for audio")
   _require(ft.loss in LOSSES, "finetune.loss", f"{ft.loss!r} is not one of 'bce', 'ce'")
   for field in ("batch_size", "epochs", "lr", "fast_probe_steps"):
     _require(ft[field] > 0, f"finetune.{field}", f"must be > 0, got {ft[field]!r}")
@@ -249,15 +243,22 @@ def validate(config, mode: str) -> None:
 
 
 def adopt_pretrained_architecture(config) -> None:
-  """Copies the encoder architecture of `config.init_from` into `config.model`, and its clip
-  length into `model.pos_table_frames` (shorter clips take their pos rows from that table)."""
+  """Copies the encoder architecture of `config.init_from` into `config.model`; for audio
+  its clip length into `model.pos_table_frames` (shorter clips take their pos rows from that
+  table), for images its `data.image_size` (the fixed pos table has one size)."""
   pretrained_config = workdir_lib.load_config(config.init_from)
-  if inputs.modality(pretrained_config.data) != "audio":
-    raise ValueError(f"init_from: {config.init_from} pretrained on "
-                     f"{inputs.modality(pretrained_config.data)}s, and fine-tuning and linear "
-                     "probes take audio; embed images with bridle_jax.evaluate.embeddings")
-  pretrained = {**{field: pretrained_config.model[field] for field in ARCHITECTURE_FIELDS},
-                "pos_table_frames": pretrained_config.data.target_length}
+  modality = inputs.modality(pretrained_config.data)
+  if modality != inputs.modality(config.data):
+    raise ValueError(f"init_from: {config.init_from} pretrained on {modality} input, and this "
+                     f"config reads {inputs.modality(config.data)}; use "
+                     f"configs/finetune_{modality}.py")
+  pretrained = {field: pretrained_config.model[field] for field in ARCHITECTURE_FIELDS}
+  if modality == "audio":
+    pretrained["pos_table_frames"] = pretrained_config.data.target_length
+  elif config.data.image_size != pretrained_config.data.image_size:
+    logging.info("data.image_size: %d from %s (config had %d)",
+                 pretrained_config.data.image_size, config.init_from, config.data.image_size)
+    config.data.image_size = pretrained_config.data.image_size
   for field, value in pretrained.items():
     if config.model[field] != value:
       logging.info("model.%s: %s from %s (config had %s)", field, value, config.init_from,
@@ -330,7 +331,8 @@ class Finetuner:
     grid = classifier_lib.input_grid(config.model, config.data)
     self.model = classifier_lib.classifier_from_config(config.model, config.finetune, grid,
                                                        len(self.source.class_names))
-    self.features = front_end(config.data)
+    self.features = inputs.device_features(config.data)
+    self.batch_keys = (*inputs.batch_keys(config.data), "label")
     self.tx = layer_decay.adamw_direction(config.finetune)
     rng = jax.random.PRNGKey(config.seed)
     self.abstract = jax.eval_shape(self._fresh_state, rng)
@@ -338,7 +340,7 @@ class Finetuner:
     params = nn.unbox(self.abstract.params)
     self.trainable = trainable_keys(mode, params)
     self.scales = layer_decay.lr_scales(params, config.model.depth, config.finetune.layer_decay)
-    batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
+    batch_shardings = {k: self.batch_sharding for k in self.batch_keys}
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=self.model, features=self.features),
         in_shardings=(self.shardings.params, {**batch_shardings, "mask": self.batch_sharding}),
@@ -351,7 +353,7 @@ class Finetuner:
   def _fresh_state(self, rng) -> ClassifierState:
     """Annotated initial state: fresh classifier params, optimizer over the trainable ones."""
     params_rng, mask_rng, state_rng = jax.random.split(rng, 3)
-    x = jnp.zeros((1, self.config.data.target_length, self.config.data.num_mel_bins))
+    x = jnp.zeros((1, *inputs.input_shape(self.config.data)), jnp.float32)
     params = self.model.init({"params": params_rng, "mask": mask_rng}, x)["params"]
     trainable = trainable_keys(self.mode, params)
     return ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
@@ -390,7 +392,7 @@ class Finetuner:
           functools.partial(train_step, model=self.model, features=self.features,
                             loss_fn=classification_loss(ft.loss), tx=self.tx,
                             schedule=schedule, scales=self.scales, trainable=self.trainable),
-          in_shardings=(self.shardings, {k: self.batch_sharding for k in BATCH_KEYS}),
+          in_shardings=(self.shardings, {k: self.batch_sharding for k in self.batch_keys}),
           out_shardings=(self.shardings, self.replicated), donate_argnums=0,
           compiler_options=platform.compiler_options())
     return self._train_steps[total, warmup]
@@ -458,7 +460,7 @@ class Finetuner:
       while step < total:
         host_batch = next(iterator)
         state, step_metrics = step_fn(state, self.device_batch(
-            {k: host_batch[k] for k in BATCH_KEYS}))
+            {k: host_batch[k] for k in self.batch_keys}))
         step += 1
         run_monitor.record(step, step_metrics)
         due_save = ckpt.should_save(step) or step == total
@@ -542,16 +544,14 @@ def best_step(evals: dict, key: str) -> int:
 
 def _padded_batch(batch: dict | None, size: int, source, data_config) -> dict:
   """The eval inputs of a (possibly partial or absent) host batch, padded to `size` rows."""
-  samples = audio.num_samples_for_frames(data_config.target_length, data_config.sample_rate)
-  num_classes = len(source.class_names)
   rows = 0 if batch is None else len(batch["label"])
-  padded = {"waveform": np.zeros((size, samples), np.float32),
-            "valid_frames": np.zeros(size, np.int32),
-            "label": np.zeros((size, num_classes), np.float32),
-            "mask": np.arange(size) < rows}
+  padded = {key: np.zeros(shape, dtype)
+            for key, (shape, dtype) in inputs.batch_shapes(data_config, size).items()}
+  padded["label"] = np.zeros((size, len(source.class_names)), np.float32)
   if rows:
-    for key in BATCH_KEYS:
+    for key in padded:
       padded[key][:rows] = batch[key]
+  padded["mask"] = np.arange(size) < rows
   return padded
 
 
