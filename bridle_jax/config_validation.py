@@ -5,6 +5,7 @@ import ml_collections
 
 from bridle_jax.data import audio
 from bridle_jax.data import inputs
+from bridle_jax.data import randaugment
 from bridle_jax.models import (attention, decoder, layers, pos_embed, vit,
                                window_attention_kernel)
 from bridle_jax.train.sharding import MESH_AXES
@@ -98,6 +99,13 @@ def _check_image_data(config) -> None:
   low, high = d.crop_ratio
   _require(0 < low <= high, "data.crop_ratio",
            f"must be (low, high) with 0 < low <= high, got {tuple(d.crop_ratio)}")
+  if d.get("randaugment"):
+    try:
+      randaugment.parse_policy(d.randaugment)
+    except ValueError as e:
+      raise ConfigError(f"data.randaugment: {e}") from None
+  _require(0.0 <= d.get("reprob", 0.0) <= 1.0, "data.reprob",
+           f"is a probability, got {d.get('reprob')}")
   _require(not m.mask_2d, "model.mask_2d", "time/frequency masking is for audio; use "
            "model.mask_ratio for images")
   _require(m.pos_table_frames == 0, "model.pos_table_frames",

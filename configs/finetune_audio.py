@@ -72,7 +72,8 @@ def finetune_block(lr, epochs, warmup_epochs, batch_size, loss) -> ml_collection
       kfold=False,              # cross-validate over the manifest's `fold` field
       fast_probe=False,         # probe mode: logistic regression on frozen embeddings
       fast_probe_steps=300,     # L-BFGS iterations of the fast probe
-      fast_probe_l2=1e-3))      # its L2 penalty (on standardised features)
+      fast_probe_l2=1e-3,       # its L2 penalty (on standardised features)
+      learn_pos_embed=False))   # fine-tune pos_embed (timm's for images); audio keeps it fixed
 
 
 def get_config(arg: str = "esc50") -> ml_collections.ConfigDict:

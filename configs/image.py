@@ -40,6 +40,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   d.crop_scale = (0.2, 1.0)    # random resized crop: fraction of the image's area
   d.crop_ratio = (3 / 4, 4 / 3)  # and aspect ratio range
   d.hflip = True
+  d.randaugment = ""           # e.g. "rand-m9-mstd0.5-inc1" (fine-tuning); "" = none
+  d.reprob = 0.0               # random erasing probability (fine-tuning: 0.25)
   d.num_workers = -1           # grain worker processes (-1: one per core less one, at most 16)
   d.prefetch = 2
   d.multi_label = False

@@ -163,6 +163,8 @@ def test_pipeline_batches_uint8_crops_and_skips_unreadable_images(tmp_path):
     ("encoder_phase.reuse_codes", True, "encoder_phase.reuse_codes: needs unaugmented input, "
      "and image pretraining crops at random"),
     ("data.modality", "video", "data.modality: 'video' is not one of 'audio', 'image'"),
+    ("data.randaugment", "rand-m9", "data.randaugment: RandAugment policy 'rand-m9': needs"),
+    ("data.reprob", 1.5, "data.reprob: is a probability, got 1.5"),
     ("data.modality", "audio", "data.modality: 'audio' needs data.sample_rate, "
      "data.num_mel_bins, data.target_length; start from configs/audio.py"),
     ("model.pos_table_frames", 256, "model.pos_table_frames: is for audio clips shorter"),
@@ -203,19 +205,25 @@ def test_the_image_recipe_is_the_reference_one():
   config_validation.validate_config(c)
 
 
-def test_the_image_probe_recipe_is_the_reference_one():
+@pytest.mark.parametrize("variant,expected", [
+    ("in1k", ("finetune", 5e-4, 200, 5, 1024, True)),
+    ("in1k_probe", ("probe", 8e-3, 200, 10, 256, False))])
+def test_the_image_finetune_recipes_are_the_reference_ones(variant, expected):
   from bridle_jax.evaluate import finetune  # pylint: disable=import-outside-toplevel
   from configs import finetune_image  # pylint: disable=import-outside-toplevel
-  c = finetune_image.get_config("in1k_probe")
+  c = finetune_image.get_config(variant)
   ft = c.finetune
-  assert (c.mode, ft.lr, ft.epochs, ft.warmup_epochs, ft.batch_size, ft.loss) == (
-      "probe", 8e-3, 200, 10, 256, "ce")
-  assert (ft.layer_decay, ft.weight_decay, ft.min_lr) == (0.75, 5e-4, 1e-6)
+  assert (c.mode, ft.lr, ft.epochs, ft.warmup_epochs, ft.batch_size,
+          ft.learn_pos_embed) == expected
+  assert (ft.loss, ft.layer_decay, ft.weight_decay, ft.min_lr, ft.drop_path) == (
+      "ce", 0.75, 5e-4, 1e-6, 0.1)
+  assert (c.data.crop_scale, c.data.randaugment, c.data.reprob) == (
+      (0.08, 1.0), "rand-m9-mstd0.5-inc1", 0.25)
   c.data.manifest, c.data.eval_manifest = "/data/train", "/data/val"
   finetune.validate(c, c.mode)
   config_validation.validate_config(c)
-  with pytest.raises(ValueError, match="unknown variant 'in1k'"):
-    finetune_image.get_config("in1k")
+  with pytest.raises(ValueError, match="unknown variant 'in22k'"):
+    finetune_image.get_config("in22k")
 
 
 def test_demo_images_are_deterministic_and_reused(tmp_path):
@@ -378,11 +386,13 @@ def test_image_demo_pretrains_embeds_and_exports(tmp_path):
   assert audio_probe.returncode != 0
   assert (f"error: init_from: {workdir} pretrained on image input, and this config reads "
           "audio; use configs/finetune_image.py") in audio_probe.stderr
-  finetune = _cli("bridle_jax.main", "--config=configs/finetune_image.py:probe_demo",
+  # Fine-tuning (RandAugment, random erasing, a learned pos_embed).
+  finetune = _cli("bridle_jax.main", "--config=configs/finetune_image.py:finetune_demo",
                   f"--workdir={tmp_path / 'finetune'}", f"--config.init_from={workdir}",
-                  "--config.mode=finetune")
-  assert finetune.returncode != 0
-  assert "error: mode: image encoders are evaluated by linear probes" in finetune.stderr
+                  "--config.finetune.steps=6", "--config.finetune.eval_every_epochs=100")
+  assert finetune.returncode == 0, finetune.stderr[-3000:]
+  with open(tmp_path / "finetune" / "summary.json") as f:
+    assert json.load(f)["runs"]["finetune"]["eval_clips"] == 80
 
   pytest.importorskip("torch")
   export = _cli("bridle_jax.convert.to_torch", f"--workdir={workdir}",
@@ -390,11 +400,18 @@ def test_image_demo_pretrains_embeds_and_exports(tmp_path):
   assert export.returncode == 0, export.stderr[-3000:]
   summary = json.loads(export.stdout[export.stdout.index("{"):])
   assert summary["finetune"]["num_classes"] == 1000
-  classifier = _cli("bridle_jax.convert.to_torch", f"--workdir={tmp_path / 'probe'}",
-                    f"--output={tmp_path / 'classifier.pth'}")
-  assert classifier.returncode == 0, classifier.stderr[-3000:]
   import torch  # pylint: disable=import-outside-toplevel
-  state = torch.load(tmp_path / "classifier.pth", weights_only=True)["model"]
-  assert tuple(state["head.weight"].shape) == (8, 64)
-  assert tuple(state["pos_embed"].shape) == (1, 65, 64)
-  assert tuple(state["patch_embed.proj.weight"].shape) == (64, 3, 8, 8)
+  table = pos_embed.image_pos_embed(8, 8, 64)
+  for run, learned in (("probe", False), ("finetune", True)):
+    output = tmp_path / f"{run}.pth"
+    classifier = _cli("bridle_jax.convert.to_torch", f"--workdir={tmp_path / run}",
+                      f"--output={output}")
+    assert classifier.returncode == 0, classifier.stderr[-3000:]
+    state = torch.load(output, weights_only=True)["model"]
+    assert tuple(state["head.weight"].shape) == (8, 64)
+    assert tuple(state["patch_embed.proj.weight"].shape) == (64, 3, 8, 8)
+    exported = state["pos_embed"].numpy()[0]
+    assert exported.shape == (65, 64) and not exported[0].any()
+    # The probe keeps the fixed table; fine-tuning moved it a little.
+    assert np.array_equal(exported, table) != learned, run
+    assert np.abs(exported - table).max() < 0.1

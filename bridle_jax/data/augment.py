@@ -1,4 +1,7 @@
-"""Augmentations: roll + gain and waveform mixup on the host, SpecAugment on the device."""
+"""Augmentations: roll + gain and waveform mixup on the host; SpecAugment and random erasing
+on the device."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +88,39 @@ def spec_augment(fbank, rng: jax.Array, freqm: int, timem: int) -> jax.Array:
   if timem >= 1:
     keep &= ~_axis_mask(time_key, flat.shape[0], frames, timem)[:, :, None]
   return jnp.reshape(jnp.where(keep, flat, 0.0), fbank.shape)
+
+
+ERASE_AREA = (0.02, 1 / 3)      # fraction of the image
+ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+ERASE_ATTEMPTS = 10
+
+
+def random_erasing(images, rng: jax.Array, probability: float) -> jax.Array:
+  """timm's RandomErasing(mode='pixel', count 1) on normalised (B, H, W, C) images.
+
+  With `probability` per image, a box of area fraction U(0.02, 1/3) and log-uniform aspect
+  ratio in (0.3, 1/0.3), the first of ERASE_ATTEMPTS draws that fits strictly inside the
+  image, is filled with N(0, 1) noise per pixel and channel; no box fits: nothing erased.
+  """
+  batch, height, width = images.shape[:3]
+  keys = jax.random.split(rng, 6)
+  area = height * width * jax.random.uniform(keys[0], (batch, ERASE_ATTEMPTS), minval=ERASE_AREA[0],
+                                             maxval=ERASE_AREA[1])
+  aspect = jnp.exp(jax.random.uniform(keys[1], (batch, ERASE_ATTEMPTS),
+                                      minval=ERASE_LOG_ASPECT[0], maxval=ERASE_LOG_ASPECT[1]))
+  h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+  w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+  fits = (h < height) & (w < width)
+  first = jnp.argmax(fits, axis=1)
+  h = jnp.take_along_axis(h, first[:, None], 1)[:, 0]
+  w = jnp.take_along_axis(w, first[:, None], 1)[:, 0]
+  apply = (jax.random.uniform(keys[2], (batch,)) < probability) & fits.any(axis=1)
+  top = jnp.floor(jax.random.uniform(keys[3], (batch,)) * (height - h + 1)).astype(jnp.int32)
+  left = jnp.floor(jax.random.uniform(keys[4], (batch,)) * (width - w + 1)).astype(jnp.int32)
+  rows = jnp.arange(height)[None, :, None]
+  cols = jnp.arange(width)[None, None, :]
+  inside = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
+            & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
+            & apply[:, None, None])
+  noise = jax.random.normal(keys[5], images.shape, images.dtype)
+  return jnp.where(inside[..., None], noise, images)

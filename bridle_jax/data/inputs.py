@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bridle_jax.data import audio
+from bridle_jax.data import augment
 from bridle_jax.data import image
 
 MODALITIES = ("audio", "image")
@@ -55,11 +56,16 @@ def batch_keys(data_config) -> tuple[str, ...]:
 
 
 def device_features(data_config) -> Callable[[dict, Any], Any]:
-  """(batch, rng or None) -> model input; rng drives on-device augmentation (SpecAugment)."""
+  """(batch, rng or None) -> model input; rng drives on-device augmentation (SpecAugment,
+  random erasing)."""
   d = data_config
   if modality(d) == "image":
-    return lambda batch, rng: image.features(batch["image"], mean=tuple(d.mean),
-                                             std=tuple(d.std))
+    reprob = d.get("reprob", 0.0)
+
+    def image_features(batch, rng):
+      x = image.features(batch["image"], mean=tuple(d.mean), std=tuple(d.std))
+      return x if rng is None or reprob == 0 else augment.random_erasing(x, rng, reprob)
+    return image_features
   front_end = functools.partial(
       audio.features, num_mel_bins=d.num_mel_bins, target_length=d.target_length,
       mean=d.mean, std=d.std, freqm=d.get("freqm", 0), timem=d.get("timem", 0),

@@ -17,11 +17,13 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from PIL import Image
 
 from bridle_jax.data import audio
 from bridle_jax.data import augment
 from bridle_jax.data import image
 from bridle_jax.data import inputs
+from bridle_jax.data import randaugment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +83,9 @@ class ImageLoader:
   """Turns a source record into a training image: {'image' (size, size, 3) uint8, 'label',
   'skipped', 'index'}, or {'bad': reason} for an image that cannot be decoded.
 
-  With `augment` a random resized crop and a random horizontal flip (the reference's
-  pretraining transform); without it the evaluation resize and centre crop.
+  With `augment` a random resized crop, a random horizontal flip (the reference's
+  pretraining transform) and, given a `randaugment` policy, RandAugment (its fine-tuning
+  transform); without it the evaluation resize and centre crop.
   """
   num_classes: int
   image_size: int
@@ -90,6 +93,8 @@ class ImageLoader:
   crop_scale: tuple[float, float] = (0.2, 1.0)
   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
   hflip: bool = True
+  randaugment: tuple[float, float] | None = None  # (magnitude, std) of the policy
+  fill: tuple[int, ...] = (128, 128, 128)  # RandAugment's fill colour (the dataset mean)
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict[str, Any]:
     try:
@@ -100,6 +105,9 @@ class ImageLoader:
     if self.augment:
       pixels = image.train_crop(img, self.image_size, rng, tuple(self.crop_scale),
                                 tuple(self.crop_ratio), self.hflip)
+      if self.randaugment:
+        pixels = np.asarray(randaugment.rand_augment(Image.fromarray(pixels), rng,
+                                                     *self.randaugment, self.fill), np.uint8)
     else:
       pixels = image.eval_crop(img, self.image_size)
     label = np.zeros(self.num_classes, np.float32)
@@ -116,7 +124,9 @@ def example_loader(source: Sequence[dict], data_config, *, train: bool,
   if inputs.modality(d) == "image":
     return ImageLoader(num_classes=num_classes, image_size=d.image_size, augment=train,
                        crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio),
-                       hflip=d.hflip)
+                       hflip=d.hflip, fill=randaugment.fill_colour(d.mean),
+                       randaugment=(randaugment.parse_policy(d.randaugment)
+                                    if d.get("randaugment") else None))
   return ClipLoader(
       source=source if mixup_source is None else mixup_source, num_classes=num_classes,
       sample_rate=d.sample_rate, target_length=d.target_length,

@@ -9,8 +9,8 @@
   probe     the reference linear probe: only fc_norm and head train, on the same augmented
             stream. With `finetune.fast_probe` a logistic regression on the frozen encoder's
             mean-pooled embeddings replaces it (`fast_probe`; seconds, for quick checks).
-Image encoders (configs/finetune_image.py) are evaluated in mode probe, on random resized
-crops and flips, and evaluated on centre crops.
+Image encoders (configs/finetune_image.py) train on the reference's timm transform (random
+resized crop, flip, RandAugment, random erasing) and are evaluated on centre crops.
 
 The encoder comes from `init_from` (a pretraining workdir; `init_phase`, default its last
 finished phase), whose architecture fields replace `config.model`'s; without `init_from`
@@ -221,9 +221,6 @@ def validate(config, mode: str) -> None:
   ft = config.finetune
   _require(mode in MODES, "mode", f"{mode!r} is not one of {', '.join(map(repr, MODES))}")
   if inputs.modality(config.data) == "image":
-    _require(mode == "probe", "mode", "image encoders are evaluated by linear probes "
-             "(mode 'probe'); fine-tuning them (learnable pos_embed, RandAugment, random "
-             "erasing) is not built yet")
     _require(not ft.mask_2d, "finetune.mask_2d", "time/frequency masking is for audio")
   _require(ft.loss in LOSSES, "finetune.loss", f"{ft.loss!r} is not one of 'bce', 'ce'")
   for field in ("batch_size", "epochs", "lr", "fast_probe_steps"):

@@ -72,9 +72,15 @@ class Classifier(ViTBackbone):
   mask_2d: bool = True
   mask_t_prob: float = 0.0
   mask_f_prob: float = 0.0
+  learn_pos_embed: bool = False  # a `pos_embed` param started from the fixed table (timm's)
 
   def setup(self):
     self.patch_embed = PatchEmbed(self.width, self.patch_size, self.dtype, self.param_dtype)
+    if self.learn_pos_embed:
+      fixed = super().pos_table()
+      self.learned_pos = self.param(
+          'pos_embed', partitioned(lambda rng, shape, dtype: fixed.astype(dtype), None, 'embed'),
+          fixed.shape, self.param_dtype)
     self.cls_token = self.param(
         'cls_token', partitioned(nn.initializers.normal(0.02), None, None, 'embed'),
         (1, 1, self.width), self.param_dtype)
@@ -92,6 +98,9 @@ class Classifier(ViTBackbone):
             nn.initializers.truncated_normal(HEAD_INIT_STD, lower=-bound, upper=bound),
             'embed', 'vocab'),
         bias_init=partitioned(nn.initializers.zeros, 'vocab'))
+
+  def pos_table(self):
+    return self.learned_pos if self.learn_pos_embed else super().pos_table()
 
   def _masked(self, tokens):
     """Kept tokens of a random (2-D or 1-D) mask over the patch grid."""
@@ -133,7 +142,8 @@ def classifier_from_config(model_cfg: Any, finetune_cfg: Any, grid: tuple[int, i
   return Classifier(
       **backbone_kwargs(model_cfg, grid), num_classes=num_classes,
       drop_path=finetune_cfg.drop_path, mask_2d=finetune_cfg.mask_2d,
-      mask_t_prob=finetune_cfg.mask_t_prob, mask_f_prob=finetune_cfg.mask_f_prob)
+      mask_t_prob=finetune_cfg.mask_t_prob, mask_f_prob=finetune_cfg.mask_f_prob,
+      learn_pos_embed=finetune_cfg.get('learn_pos_embed', False))
 
 
 def with_encoder_params(params: dict, encoder_params: dict) -> dict:

@@ -60,9 +60,13 @@ class ViTBackbone(nn.Module):
     if tokens.shape[1] != self.num_patches:
       raise ValueError(f'input {x.shape} gives {tokens.shape[1]} patches, grid {self.grid} '
                        f'expects {self.num_patches}')
-    pos = audio_pos_embed(*self.grid, self.width, self.pos_grid, cls=False,
-                          table_t=self.pos_table_t, crop=self.pos_crop)
-    return (tokens.astype(jnp.float32) + pos[None]).astype(self.residual_stream_dtype)
+    return (tokens.astype(jnp.float32) + self.pos_table()[None]).astype(
+        self.residual_stream_dtype)
+
+  def pos_table(self):
+    """(L, width) position embedding of the patch tokens: the fixed sin-cos table."""
+    return jnp.asarray(audio_pos_embed(*self.grid, self.width, self.pos_grid, cls=False,
+                                       table_t=self.pos_table_t, crop=self.pos_crop))
 
   def transform(self, tokens):
     """Prepends CLS (its pos row is zero), runs the blocks and the final norm."""
