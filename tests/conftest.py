@@ -40,7 +40,7 @@ _LONGEST_MODULES = (
     "test_multiprocess.py",      # 95
     "test_precision_check.py",   # 88
     "test_finetune.py",          # 87
-    "test_image.py",             # 105 (2026-11-28)
+    "test_image.py",             # 80 (2026-11-28)
     "test_driver_codebooks.py",  # 68
     "test_aot.py",               # 64
     "test_convert.py",           # 55

@@ -351,19 +351,20 @@ def test_image_demo_pretrains_embeds_and_exports(tmp_path):
   assert 0.0 <= verdict["pretrained_accuracy"] <= 1.0
   assert len(verdict["codebook_usage"]["fraction_used"]) == 4
 
+  # In this process from here on, but for the fine-tuning commands.
+  from bridle_jax.evaluate import embeddings  # pylint: disable=import-outside-toplevel
+  from bridle_jax.evaluate import finetune  # pylint: disable=import-outside-toplevel
   corpus = os.path.join(workdir, "demo_images")
   output = str(tmp_path / "emb.npz")
-  embed = _cli("bridle_jax.evaluate.embeddings", f"--workdir={workdir}",
-               f"--manifest={corpus}/eval.json",
-               f"--label_csv={corpus}/class_labels_indices.csv", f"--output={output}",
-               "--patch")
-  assert embed.returncode == 0, embed.stderr[-3000:]
+  report = embeddings.embed_manifest(workdir, f"{corpus}/eval.json", output,
+                                     label_csv=f"{corpus}/class_labels_indices.csv",
+                                     include_patch=True)
+  assert report["failed"] == 0
   with np.load(output) as npz:
     assert npz["pooled"].shape == (80, 64) and npz["patch"].shape == (80, 64, 64)
     assert np.isfinite(npz["pooled"]).all() and npz["labels"].shape == (80, 8)
 
-  # The Python API embeds arrays of any size as the CLI embeds files.
-  from bridle_jax.evaluate import embeddings  # pylint: disable=import-outside-toplevel
+  # Arrays of any size embed as files do.
   embedder = embeddings.Embedder.from_workdir(workdir)
   with np.load(output) as npz:
     first = np.asarray(Image.open(str(npz["paths"][0])).convert("RGB"))
@@ -372,7 +373,7 @@ def test_image_demo_pretrains_embeds_and_exports(tmp_path):
   with pytest.raises(ValueError, match="pretrained on image input, not audio"):
     embedder.embed_waveforms([np.zeros(16000, np.float32)], sample_rate=16000)
 
-  # A linear probe of the image encoder; an audio recipe and image fine-tuning are refused.
+  # A linear probe of the image encoder; an audio recipe is refused.
   probe = _cli("bridle_jax.main", "--config=configs/finetune_image.py:probe_demo",
                f"--workdir={tmp_path / 'probe'}", f"--config.init_from={workdir}",
                "--config.finetune.steps=6", "--config.finetune.eval_every_epochs=100")
@@ -381,11 +382,12 @@ def test_image_demo_pretrains_embeds_and_exports(tmp_path):
     result = json.load(f)["runs"]["probe"]
   assert result["eval_clips"] == 80 and result["train_clips"] == 320
   assert 0.0 <= result["final"]["accuracy"] <= 1.0
-  audio_probe = _cli("bridle_jax.main", "--config=configs/finetune_audio.py:probe_demo",
-                     f"--workdir={tmp_path / 'audio_probe'}", f"--config.init_from={workdir}")
-  assert audio_probe.returncode != 0
-  assert (f"error: init_from: {workdir} pretrained on image input, and this config reads "
-          "audio; use configs/finetune_image.py") in audio_probe.stderr
+  from configs import finetune_audio  # pylint: disable=import-outside-toplevel
+  audio_probe = finetune_audio.get_config("probe_demo")
+  audio_probe.init_from = workdir
+  with pytest.raises(ValueError, match=f"^init_from: {workdir} pretrained on image input, "
+                     "and this config reads audio; use configs/finetune_image.py"):
+    finetune.adopt_pretrained_architecture(audio_probe)
   # Fine-tuning (RandAugment, random erasing, a learned pos_embed).
   finetune = _cli("bridle_jax.main", "--config=configs/finetune_image.py:finetune_demo",
                   f"--workdir={tmp_path / 'finetune'}", f"--config.init_from={workdir}",
@@ -394,19 +396,13 @@ def test_image_demo_pretrains_embeds_and_exports(tmp_path):
   with open(tmp_path / "finetune" / "summary.json") as f:
     assert json.load(f)["runs"]["finetune"]["eval_clips"] == 80
 
-  pytest.importorskip("torch")
-  export = _cli("bridle_jax.convert.to_torch", f"--workdir={workdir}",
-                f"--output={tmp_path / 'bridle.pth'}")
-  assert export.returncode == 0, export.stderr[-3000:]
-  summary = json.loads(export.stdout[export.stdout.index("{"):])
+  torch = pytest.importorskip("torch")
+  summary = to_torch.export(workdir, str(tmp_path / "bridle.pth"))
   assert summary["finetune"]["num_classes"] == 1000
-  import torch  # pylint: disable=import-outside-toplevel
   table = pos_embed.image_pos_embed(8, 8, 64)
   for run, learned in (("probe", False), ("finetune", True)):
-    output = tmp_path / f"{run}.pth"
-    classifier = _cli("bridle_jax.convert.to_torch", f"--workdir={tmp_path / run}",
-                      f"--output={output}")
-    assert classifier.returncode == 0, classifier.stderr[-3000:]
+    output = str(tmp_path / f"{run}.pth")
+    to_torch.export(str(tmp_path / run), output)
     state = torch.load(output, weights_only=True)["model"]
     assert tuple(state["head.weight"].shape) == (8, 64)
     assert tuple(state["patch_embed.proj.weight"].shape) == (64, 3, 8, 8)

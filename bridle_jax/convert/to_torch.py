@@ -39,7 +39,8 @@ and a zero bias.
 
 From a fine-tuning or probe workdir (`--mode=finetune|probe`) it writes the trained
 classifier of a finished run (`--run`, needed when there are several, as with k-fold) in the
-official fine-tuning ViT layout, with its trained `fc_norm` and `head`: `classifier.pth`
+official fine-tuning ViT layout, with its trained `fc_norm` and `head` (and `pos_embed`
+where `finetune.learn_pos_embed` trained it, as image fine-tuning does): `classifier.pth`
 and its `.safetensors` copy, for `model/vit.py` with strict=True at the run's input length.
 """
 import collections

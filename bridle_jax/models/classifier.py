@@ -8,7 +8,9 @@ is not part of it (the reference deletes it). Optional 2-D (or 1-D) patch maskin
 follows the reference's `forward(x, mask_t_prob, mask_f_prob)`.
 
 Param tree: patch_embed, cls_token, blocks_{i} (norm1, attn, norm2, mlp: the names of
-`layers.Block`, so pretrained encoder params drop in unchanged), fc_norm, head.
+`layers.Block`, so pretrained encoder params drop in unchanged), fc_norm, head; with
+`learn_pos_embed` also `pos_embed` (L, width), started from the fixed table, which timm's
+image ViT fine-tunes (the audio reference keeps it frozen).
 
 Input length: a classifier for shorter clips than pretraining (ESC-50: 512 frames, 32 x 8
 patches, vs 1024) takes its fixed pos rows from the pretraining table (`model.pos_table_frames`,
