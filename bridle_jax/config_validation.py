@@ -83,8 +83,6 @@ def _check_audio_data(config) -> None:
 
 def _check_image_data(config) -> None:
   d, m = config.data, config.model
-  _require(d.format != "tfds", "data.format",
-           "'tfds' sets hold audio; images read a class folder ('folder') or a json manifest")
   _positive(config, "data.image_size")
   _require(m.in_chans == 3, "model.in_chans", f"images are RGB (3 channels), got {m.in_chans}")
   _require(d.image_size % m.patch_size == 0, "data.image_size",

@@ -7,6 +7,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,6 +20,7 @@ from bridle_jax.data import demo_images
 from bridle_jax.data import image
 from bridle_jax.data import pipeline
 from bridle_jax.data import sources
+from bridle_jax.models import classifier as classifier_lib
 from bridle_jax.models import pos_embed
 from bridle_jax.models import quantizer
 from bridle_jax.train import state as state_lib
@@ -131,6 +133,51 @@ def test_image_manifests_and_folders_open_as_sources(tmp_path):
     sources.open_source(_image_data(str(wav_manifest), paths["label_csv"]))
 
 
+def test_images_build_into_a_tfds_set_that_trains_as_its_files_do(tmp_path):
+  from bridle_jax.data import tfds_builder  # pylint: disable=import-outside-toplevel
+  paths = demo_images.write_demo_images(str(tmp_path / "corpus"), images_per_class=2,
+                                        eval_images_per_class=1)
+  with open(os.path.join(paths["image_dir"], "train_disc_0001.png"), "wb") as f:
+    f.write(b"not an image")
+  # From the JSON manifest (with its label csv) and from a class folder (without one).
+  built = tfds_builder.build_array_record(paths["train"], paths["label_csv"],
+                                          str(tmp_path / "tfds"), modality="image",
+                                          clips_per_shard=5)
+  assert built.endswith(os.path.join("image_manifest", "train", "1.0.0"))
+  folder = tmp_path / "folder"
+  for record in sources.open_source(_image_data(paths["train"], paths["label_csv"])):
+    os.makedirs(folder / record["path"].split("_")[-2], exist_ok=True)
+    os.link(record["path"], folder / record["path"].split("_")[-2] / os.path.basename(
+        record["path"]))
+  tfds_builder.main([f"--manifest={folder}", f"--data_dir={tmp_path / 'tfds'}",
+                     "--modality=image", "--name=folder"])
+  for dataset_dir, expected in (
+      (built, sources.open_source(_image_data(paths["train"], paths["label_csv"]))),
+      (str(tmp_path / "tfds" / "image_manifest" / "folder" / "1.0.0"),
+       sources.open_source(_image_data(str(folder), data_format="folder")))):
+    data = _image_data(dataset_dir, data_format="tfds")
+    source = sources.open_source(data)
+    assert source.modality == "image" and source.class_names == expected.class_names
+    kept = [r for r in expected if not r["path"].endswith("train_disc_0001.png")]
+    assert len(source) == len(kept) == 15  # the broken file was left out
+    for ours, theirs in zip(source, kept):
+      assert ours["path"] == theirs["path"] and list(ours["labels"]) == list(theirs["labels"])
+      with open(theirs["path"], "rb") as f:
+        assert ours["audio"] == f.read()  # stored as encoded
+    # Evaluation batches equal those of the files.
+    batches = [next(iter(pipeline.build_dataset(s, data, global_batch_size=4, seed=0,
+                                                num_epochs=1, train=False)))
+               for s in (source, sources.PackedSource(
+                   [r["path"] for r in kept], [r["labels"] for r in kept], [-1] * 15,
+                   sources.LabelMap(tuple(expected.label_ids), tuple(expected.class_names))))]
+    np.testing.assert_array_equal(batches[0]["image"], batches[1]["image"])
+  # A set read as the other modality is refused, naming it.
+  with pytest.raises(sources.DataError, match=f"data.manifest: {built} holds image files, and "
+                     "data.modality is 'audio'"):
+    sources.open_source(ml_collections.ConfigDict({"format": "tfds", "manifest": built,
+                                                   "modality": "audio"}))
+
+
 def test_pipeline_batches_uint8_crops_and_skips_unreadable_images(tmp_path):
   paths = demo_images.write_demo_images(str(tmp_path / "corpus"), images_per_class=2,
                                         eval_images_per_class=1)
@@ -156,7 +203,6 @@ def test_pipeline_batches_uint8_crops_and_skips_unreadable_images(tmp_path):
 @pytest.mark.parametrize("field,value,expected", [
     ("model.in_chans", 1, "model.in_chans: images are RGB (3 channels), got 1"),
     ("data.image_size", 60, "data.image_size: 60 pixels is not divisible by model.patch_size=8"),
-    ("data.format", "tfds", "data.format: 'tfds' sets hold audio"),
     ("data.crop_scale", (0.5, 0.2), "data.crop_scale: must be (low, high)"),
     ("data.std", (0.2, 0.2), "data.std: needs one value per RGB channel"),
     ("model.mask_2d", True, "model.mask_2d: time/frequency masking is for audio"),
@@ -224,6 +270,25 @@ def test_the_image_finetune_recipes_are_the_reference_ones(variant, expected):
   config_validation.validate_config(c)
   with pytest.raises(ValueError, match="unknown variant 'in22k'"):
     finetune_image.get_config("in22k")
+
+
+def test_partial_and_absent_eval_batches_pad_with_a_row_mask():
+  from bridle_jax.evaluate import finetune  # pylint: disable=import-outside-toplevel
+
+  class Source(list):
+    class_names = ["a", "b", "c", "d"]
+  d = image_config.get_config("demo").data
+  batch = {"image": np.full((3, 64, 64, 3), 9, np.uint8),
+           "label": np.eye(4, dtype=np.float32)[[1, 2, 3]]}
+  padded = finetune._padded_batch(batch, 5, Source(), d)  # pylint: disable=protected-access
+  assert sorted(padded) == ["image", "label", "mask"]
+  assert padded["image"].shape == (5, 64, 64, 3) and padded["image"].dtype == np.uint8
+  assert (padded["image"][:3] == 9).all() and not padded["image"][3:].any()
+  np.testing.assert_array_equal(padded["label"][:3], batch["label"])
+  assert not padded["label"][3:].any()
+  np.testing.assert_array_equal(padded["mask"], [True, True, True, False, False])
+  empty = finetune._padded_batch(None, 5, Source(), d)  # pylint: disable=protected-access
+  assert empty["image"].shape == (5, 64, 64, 3) and not empty["mask"].any()
 
 
 def test_demo_images_are_deterministic_and_reused(tmp_path):
@@ -338,7 +403,7 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
                         timeout=600)
 
 
-def test_image_demo_pretrains_embeds_and_exports(tmp_path):
+def test_image_demo_pretrains_embeds_and_exports(tmp_path, caplog):
   workdir = str(tmp_path / "run")
   run = _cli("bridle_jax.main", "--config=configs/image.py:demo", f"--workdir={workdir}",
              "--config.encoder_phase.steps=3", "--config.tokenizer_phase.steps=3",
@@ -388,6 +453,15 @@ def test_image_demo_pretrains_embeds_and_exports(tmp_path):
   with pytest.raises(ValueError, match=f"^init_from: {workdir} pretrained on image input, "
                      "and this config reads audio; use configs/finetune_image.py"):
     finetune.adopt_pretrained_architecture(audio_probe)
+  # The ImageNet recipe (224 px, ViT-B) adopts the encoder's architecture and picture size.
+  from configs import finetune_image  # pylint: disable=import-outside-toplevel
+  in1k_probe = finetune_image.get_config("in1k_probe")
+  in1k_probe.init_from = workdir
+  in1k_probe.data.std = (0.5, 0.5, 0.5)
+  finetune.adopt_pretrained_architecture(in1k_probe)
+  assert (in1k_probe.data.image_size, in1k_probe.model.patch_size,
+          in1k_probe.model.width) == (64, 8, 64)
+  assert "data.std: (0.5, 0.5, 0.5), but" in caplog.text and "data.mean" not in caplog.text
   # Fine-tuning (RandAugment, random erasing, a learned pos_embed).
   finetune = _cli("bridle_jax.main", "--config=configs/finetune_image.py:finetune_demo",
                   f"--workdir={tmp_path / 'finetune'}", f"--config.init_from={workdir}",
@@ -397,6 +471,7 @@ def test_image_demo_pretrains_embeds_and_exports(tmp_path):
     assert json.load(f)["runs"]["finetune"]["eval_clips"] == 80
 
   torch = pytest.importorskip("torch")
+  from bridle_jax.convert import torch_reference  # pylint: disable=import-outside-toplevel
   summary = to_torch.export(workdir, str(tmp_path / "bridle.pth"))
   assert summary["finetune"]["num_classes"] == 1000
   table = pos_embed.image_pos_embed(8, 8, 64)
@@ -407,7 +482,22 @@ def test_image_demo_pretrains_embeds_and_exports(tmp_path):
     assert tuple(state["head.weight"].shape) == (8, 64)
     assert tuple(state["patch_embed.proj.weight"].shape) == (64, 3, 8, 8)
     exported = state["pos_embed"].numpy()[0]
-    assert exported.shape == (65, 64) and not exported[0].any()
-    # The probe keeps the fixed table; fine-tuning moved it a little.
-    assert np.array_equal(exported, table) != learned, run
+    assert exported.shape == (65, 64)
+    # The probe keeps the fixed table (zero CLS row); fine-tuning moved it, CLS row included.
+    assert np.array_equal(exported[1:], table[1:]) != learned, run
+    assert exported[0].any() == learned, run
     assert np.abs(exported - table).max() < 0.1
+    # The reference fine-tuning ViT loads it strictly and gives our logits.
+    saved = workdir_lib.load_config(str(tmp_path / run))
+    reference = torch_reference.finetune_model(saved, num_classes=8).eval()
+    loaded = reference.load_state_dict(state, strict=True)
+    assert not loaded.missing_keys and not loaded.unexpected_keys
+    params = workdir_lib.restore_final(
+        str(tmp_path / run / "checkpoints" / f"{run}_final"))["params"]
+    classifier = classifier_lib.classifier_from_config(
+        saved.model, saved.finetune, classifier_lib.input_grid(saved.model, saved.data), 8)
+    x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    ours = np.asarray(classifier.apply({"params": params}, x, train=False), np.float64)
+    with torch.no_grad():
+      theirs = reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())

@@ -291,6 +291,9 @@ def test_tfds_source_pickles_and_opens_via_config(built_tfds):
   assert len(restored) == 5
   assert restored[0]["audio"] == first["audio"] and restored[0]["path"] == first["path"]
   assert restored[-1]["fold"] == 5
+  assert source.modality == "audio"
+  with pytest.raises(sources.DataError, match="holds audio files, and data.modality is 'image'"):
+    sources.open_source(_data_config(format="tfds", manifest=dataset_dir, modality="image"))
 
 
 def test_tfds_build_refuses_existing_dataset(built_tfds):

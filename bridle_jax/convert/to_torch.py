@@ -108,9 +108,8 @@ def classifier_state_dict(config, params: dict) -> dict[str, np.ndarray]:
   state = collections.OrderedDict(
       (entry.key, _entry_tensor(entry, {"encoder": params}))
       for entry in layout.finetune_backbone_layout(config))
-  if "pos_embed" in params:  # learned (finetune.learn_pos_embed); the CLS row stays zero
-    table = np.asarray(params["pos_embed"], np.float32)
-    state["pos_embed"] = np.concatenate([np.zeros_like(table[:1]), table])[None]
+  if "pos_embed" in params:  # learned (finetune.learn_pos_embed), CLS row first
+    state["pos_embed"] = np.asarray(params["pos_embed"], np.float32)[None]
   state["fc_norm.weight"] = np.asarray(params["fc_norm"]["scale"], np.float32)
   state["fc_norm.bias"] = np.asarray(params["fc_norm"]["bias"], np.float32)
   state["head.weight"] = np.asarray(params["head"]["kernel"], np.float32).T

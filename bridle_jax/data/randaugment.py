@@ -1,13 +1,15 @@
 """RandAugment as the reference's image fine-tuning uses it (timm's `rand-m9-mstd0.5-inc1`).
 
 Per image: two operations drawn with replacement from the 15 "increasing" ones below, each
-applied with probability 1/2 at a magnitude drawn from N(m, mstd) and clipped to [0, 10].
+applied with probability 1/2 at a magnitude drawn from N(m, mstd) (mstd > 100: uniform on
+[0, m]) and clipped to [0, 10].
 Levels (magnitude / 10 = f): rotation 30 f degrees, shear 0.3 f, translation 0.45 f of the
 image side (each with a random sign), posterize to 4 - int(4 f) bits, solarize above
 256 - int(256 f), solarize-add int(110 f) below 128, colour / contrast / brightness /
 sharpness factors 1 +- 0.9 f. Geometric operations resample bicubically and fill with the
 dataset mean colour. Host side, on PIL images; `rng` is a NumPy Generator.
 """
+import re
 from typing import Callable
 
 import numpy as np
@@ -27,24 +29,27 @@ ENHANCE_RANGE = 0.9
 def parse_policy(policy: str) -> tuple[float, float]:
   """(magnitude, magnitude std) of a timm-style 'rand-m9-mstd0.5-inc1' string.
 
-  Only the increasing operation set (inc1) is built; other keys are refused.
+  Only the increasing operation set (inc1) is built; other keys are refused. As in timm, an
+  mstd above 100 means a magnitude drawn uniformly from [0, m] (returned as std = inf).
   """
   parts = policy.split("-")
   if parts[0] != "rand":
     raise ValueError(f"RandAugment policy {policy!r} must start with 'rand-'")
   magnitude, std, increasing = None, 0.0, False
   for part in parts[1:]:
-    if part.startswith("mstd"):
-      std = float(part[4:])
-    elif part.startswith("m"):
-      magnitude = float(part[1:])
-    elif part == "inc1":
+    match = re.fullmatch(r"([a-z]+)(\d+(?:\.\d*)?)", part)
+    key, value = match.groups() if match else (None, None)
+    if key == "m":
+      magnitude = float(value)
+    elif key == "mstd":
+      std = float(value) if float(value) <= 100 else float("inf")
+    elif key == "inc" and value == "1":
       increasing = True
     else:
       raise ValueError(f"RandAugment policy {policy!r}: unsupported part {part!r} "
                        "(known: m<magnitude>, mstd<std>, inc1)")
-  if magnitude is None or not 0 <= magnitude <= MAX_LEVEL or std < 0 or not increasing:
-    raise ValueError(f"RandAugment policy {policy!r}: needs m in [0, 10], mstd >= 0 and inc1")
+  if magnitude is None or not 0 <= magnitude <= MAX_LEVEL or not increasing:
+    raise ValueError(f"RandAugment policy {policy!r}: needs m in [0, 10] and inc1")
   return magnitude, std
 
 
@@ -132,7 +137,10 @@ def rand_augment(img: Image.Image, rng: np.random.Generator, magnitude: float, s
   for index in rng.integers(len(names), size=NUM_OPS):
     if rng.random() > OP_PROB:
       continue
-    level = rng.normal(magnitude, std) if std > 0 else magnitude
+    if std == float("inf"):
+      level = rng.uniform(0.0, magnitude)
+    else:
+      level = rng.normal(magnitude, std) if std > 0 else magnitude
     img = OPS[names[index]](img, min(max(level, 0.0), MAX_LEVEL) / MAX_LEVEL, rng, fill)
   return img
 

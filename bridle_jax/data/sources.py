@@ -182,7 +182,7 @@ def open_source(data_config, base_dir: str = "."):
 
   Relative paths resolve against `base_dir`; label_csv is only read for "json" (folder
   and TFDS sources carry their own class names). `data.modality` picks the manifest's
-  file field and the file types of a class folder; TFDS sets hold audio only.
+  file field and the file types of a class folder, and must be what a TFDS set holds.
   """
   data_format = data_config.format
   modality = inputs.modality(data_config)
@@ -193,14 +193,15 @@ def open_source(data_config, base_dir: str = "."):
     label_csv = _config_path(data_config, "label_csv", base_dir, want_dir=False)
     return JsonManifestSource(manifest, load_label_map(label_csv),
                               file_key=inputs.MANIFEST_FILE_KEY[modality])
-  if data_format == "tfds" and modality != "audio":
-    raise DataError(f"data.format: 'tfds' sets hold audio; data.modality={modality!r} "
-                    "reads a json manifest or a class folder")
   manifest = _config_path(data_config, "manifest", base_dir, want_dir=True)
   if data_format == "folder":
     return FolderSource(manifest, inputs.EXTENSIONS[modality])
   from bridle_jax.data import tfds_builder  # Deferred: it imports this module and tfds.
-  return tfds_builder.TfdsSource(manifest)
+  source = tfds_builder.TfdsSource(manifest)
+  if source.modality != modality:
+    raise DataError(f"data.manifest: {manifest} holds {source.modality} files, and "
+                    f"data.modality is {modality!r}")
+  return source
 
 
 def label_statistics(source) -> dict:

@@ -1,17 +1,21 @@
-"""Builds a JSON manifest into TFDS ArrayRecord shards, and reads them back, without TensorFlow.
+"""Builds a JSON manifest or a class folder into TFDS ArrayRecord shards, and reads them
+back, without TensorFlow.
 
-  python -m bridle_jax.data.tfds_builder --manifest M --label_csv L --data_dir D
+  python -m bridle_jax.data.tfds_builder --manifest M --label_csv L --data_dir D \
+      [--modality=image]
 
-writes D/audio_manifest/<name>/1.0.0/ (name: the manifest's file stem by default); train
-on it with data.format=tfds and data.manifest set to that directory. Each example holds
-the encoded file bytes, so a run reads a few large shards instead of millions of files.
+writes D/audio_manifest/<name>/1.0.0/ (images: D/image_manifest/...; name: the manifest's
+file stem or the folder's name by default); train on it with data.format=tfds and
+data.manifest set to that directory. Each example holds the encoded file bytes (feature
+"audio" or "image"), so a run reads a few large shards instead of millions of files. A
+class folder (`--manifest` a directory, root/<class>/<file>) needs no label csv.
 
 The builder is a `tfds.core.ShardBasedBuilder`: shards are written one after another in
 manifest order. (`GeneratorBasedBuilder` spills its shuffle buffer through tf.io.gfile
 once a split passes 1 GiB, which needs TensorFlow; grain shuffles at read time anyway.)
 tfds holds one shard's examples in memory while writing it, so `clips_per_shard` bounds
-the build's memory. Files that cannot be read, or whose header soundfile cannot parse,
-are skipped, logged and listed in the dataset's metadata.json.
+the build's memory. Files that cannot be read, or whose header soundfile (audio) or Pillow
+(images) cannot parse, are skipped, logged and listed in the dataset's metadata.json.
 """
 import argparse
 import collections
@@ -30,61 +34,69 @@ import numpy as np
 import soundfile as sf
 import tensorflow_datasets as tfds
 from absl import logging
+from PIL import Image
 
+from bridle_jax.data import inputs
 from bridle_jax.data import sources
 
 VERSION = "1.0.0"
 FILE_FORMAT = "array_record"
 LABEL_TABLE_SUFFIX = ".label_table.npz"  # "<split>.label_table.npz" next to the shards
-FEATURE_NAMES = ("audio", "path", "labels", "fold")
+FEATURE_NAMES = ("path", "labels", "fold")  # and the file bytes, named by the modality
 
 
 @dataclasses.dataclass
 class AudioManifestConfig(tfds.core.BuilderConfig):
-  """The manifest to build into split `split`; `name` names the built dataset."""
+  """The manifest (or class folder) to build into split `split`; `name` names the built
+  dataset."""
   manifest: str = ""
-  label_csv: str = ""
+  label_csv: str = ""  # "" for a class folder
   split: str = "train"
   clips_per_shard: int = 1024
   read_threads: int = 8
 
 
 class AudioManifest(tfds.core.ShardBasedBuilder, skip_registration=True):
-  """Encoded audio files with their path, class indices and fold, from a JSON manifest.
+  """Encoded audio files with their path, class indices and fold, from a JSON manifest or
+  a class folder.
 
   The class ids (mids) are the names of the `labels` ClassLabel; display names, the
-  source files and the skipped clips are in the metadata. Per-clip labels are also saved
-  as a label table so statistics need no pass over the audio.
+  modality, the source files and the skipped clips are in the metadata. Per-clip labels
+  are also saved as a label table so statistics need no pass over the files.
   """
   VERSION = tfds.core.Version(VERSION)
+  MODALITY = "audio"
   # Nothing is downloaded. Declaring it also skips tfds' checksum-file lookup, which for
   # a builder defined in a package needs `importlib_resources`, undeclared by tfds 4.9.
   url_infos = None
 
   @functools.cached_property
-  def _label_map(self) -> sources.LabelMap:
-    return sources.load_label_map(self.builder_config.label_csv)
+  def _manifest(self) -> sources.PackedSource:
+    config = self.builder_config
+    if os.path.isdir(config.manifest):
+      return sources.FolderSource(config.manifest, inputs.EXTENSIONS[self.MODALITY])
+    return sources.JsonManifestSource(config.manifest, sources.load_label_map(config.label_csv),
+                                      file_key=inputs.MANIFEST_FILE_KEY[self.MODALITY])
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
     return tfds.core.DatasetInfo(
         builder=self,
-        description=f"Audio clips of {config.manifest}",
+        description=f"{self.MODALITY.capitalize()} files of {config.manifest}",
         features=tfds.features.FeaturesDict({
-            "audio": tfds.features.Tensor(shape=(), dtype=np.object_),
+            self.MODALITY: tfds.features.Tensor(shape=(), dtype=np.object_),
             "path": tfds.features.Text(),
             "labels": tfds.features.Sequence(tfds.features.ClassLabel(
-                names=list(self._label_map.mids))),
+                names=self._manifest.label_ids)),
             "fold": tfds.features.Scalar(dtype=np.int32),
         }),
         metadata=tfds.core.MetadataDict(
-            display_names=list(self._label_map.display_names),
+            display_names=self._manifest.class_names, modality=self.MODALITY,
             manifest=config.manifest, label_csv=config.label_csv))
 
   def _shard_iterators_per_split(self, dl_manager):
     del dl_manager  # Nothing to download.
     config = self.builder_config
-    self._manifest = sources.JsonManifestSource(config.manifest, self._label_map)
     self._written = np.ones(len(self._manifest), bool)
     self._skipped = []
     shard_starts = range(0, len(self._manifest), config.clips_per_shard)
@@ -96,23 +108,23 @@ class AudioManifest(tfds.core.ShardBasedBuilder, skip_registration=True):
   def _generate_examples(self, start: int, stop: int):
     """Yields (manifest index, example) for the readable clips of entries [start, stop)."""
     records = [self._manifest[i] for i in range(start, stop)]
-    file_contents = _read_audio_files([record["path"] for record in records],
-                                      self.builder_config.read_threads)
-    for index, record, (audio, problem) in zip(range(start, stop), records, file_contents):
+    file_contents = _read_files([record["path"] for record in records], self.MODALITY,
+                                self.builder_config.read_threads)
+    for index, record, (encoded, problem) in zip(range(start, stop), records, file_contents):
       if problem:
         logging.warning("Skipping %s: %s", record["path"], problem)
         self._skipped.append({"path": record["path"], "reason": problem})
         self._written[index] = False
         continue
-      yield index, {"audio": audio, "path": record["path"], "labels": record["labels"],
-                    "fold": record["fold"]}
+      yield index, {self.MODALITY: encoded, "path": record["path"],
+                    "labels": record["labels"], "fold": record["fold"]}
 
   def _download_and_prepare(self, dl_manager, download_config=None):
     super()._download_and_prepare(dl_manager, download_config)
     config = self.builder_config
     if not self._written.any():
-      raise sources.DataError(f"{config.manifest}: none of the {len(self._written)} audio "
-                              "files could be read")
+      raise sources.DataError(f"{config.manifest}: none of the {len(self._written)} "
+                              f"{self.MODALITY} files could be read")
     values, offsets = self._manifest.label_table()
     labels_per_clip = np.diff(offsets)
     kept_values = values[np.repeat(self._written, labels_per_clip)]
@@ -120,28 +132,42 @@ class AudioManifest(tfds.core.ShardBasedBuilder, skip_registration=True):
     with open(os.path.join(self.data_dir, config.split + LABEL_TABLE_SUFFIX), "wb") as f:
       np.savez(f, values=kept_values, offsets=kept_offsets)
     self.info.metadata.update(num_skipped=len(self._skipped), skipped=self._skipped)
-    logging.info("Wrote %d clips of %s, skipped %d unreadable", self._written.sum(),
+    logging.info("Wrote %d files of %s, skipped %d unreadable", self._written.sum(),
                  config.manifest, len(self._skipped))
 
 
-def build_array_record(manifest: str, label_csv: str, data_dir: str, split: str = "train",
-                       *, name: str = "", clips_per_shard: int = 1024, read_threads: int = 8,
-                       overwrite: bool = False) -> str:
-  """Builds `manifest` as split `split`; returns the built dataset directory.
+class ImageManifest(AudioManifest, skip_registration=True):
+  """Encoded image files (feature "image"), otherwise as `AudioManifest`."""
+  MODALITY = "image"
 
-  `name` (default: the manifest's file stem) is the dataset's directory under
-  data_dir/audio_manifest/. An existing build is only replaced with `overwrite`.
+
+BUILDERS = {"audio": AudioManifest, "image": ImageManifest}
+
+
+def build_array_record(manifest: str, label_csv: str, data_dir: str, split: str = "train",
+                       *, name: str = "", modality: str = "audio", clips_per_shard: int = 1024,
+                       read_threads: int = 8, overwrite: bool = False) -> str:
+  """Builds `manifest` (a JSON manifest with `label_csv`, or a class folder with
+  label_csv "") as split `split`; returns the built dataset directory.
+
+  `name` (default: the manifest's file stem or the folder's name) is the dataset's
+  directory under data_dir/audio_manifest/ (images: image_manifest/). An existing build is
+  only replaced with `overwrite`.
   """
   if clips_per_shard < 1 or read_threads < 1:
     raise ValueError(f"clips_per_shard ({clips_per_shard}) and read_threads ({read_threads}) "
                      "must be positive")
+  if modality not in BUILDERS:
+    raise ValueError(f"modality {modality!r} is not one of {', '.join(BUILDERS)}")
   manifest = os.path.abspath(manifest)
+  if not os.path.isdir(manifest) and not label_csv:
+    raise sources.DataError(f"{manifest}: a JSON manifest needs a label csv (--label_csv)")
   config = AudioManifestConfig(
       name=name or os.path.splitext(os.path.basename(manifest))[0], manifest=manifest,
-      label_csv=os.path.abspath(label_csv), split=split, clips_per_shard=clips_per_shard,
-      read_threads=read_threads)
-  builder = AudioManifest(config=config, data_dir=os.path.abspath(data_dir),
-                          file_format=FILE_FORMAT)
+      label_csv=os.path.abspath(label_csv) if label_csv else "", split=split,
+      clips_per_shard=clips_per_shard, read_threads=read_threads)
+  builder = BUILDERS[modality](config=config, data_dir=os.path.abspath(data_dir),
+                               file_format=FILE_FORMAT)
   dataset_dir = os.fspath(builder.data_dir)
   with _build_lock(dataset_dir):
     if os.path.exists(dataset_dir) and not overwrite:
@@ -183,7 +209,8 @@ def _build_lock(dataset_dir: str):
 
 
 class TfdsSource:
-  """A dataset built by `build_array_record`; records carry the audio bytes.
+  """A dataset built by `build_array_record`; records carry the file bytes as "audio"
+  (whatever the `modality`, as other sources do).
 
   Pickles without its open readers (grain worker processes reopen them on first use).
   """
@@ -198,6 +225,7 @@ class TfdsSource:
     if split not in info.splits:
       raise sources.DataError(f"{self.dataset_dir}: no split {split!r} "
                               f"(splits: {', '.join(info.splits)})")
+    self.modality = _modality(info)
     self.label_ids = list(info.features["labels"].feature.names)
     self.class_names = list(info.metadata["display_names"])
     self._num_records = info.splits[split].num_examples
@@ -209,7 +237,7 @@ class TfdsSource:
     except (OSError, ValueError) as e:
       raise sources.DataError(f"{self.dataset_dir}: not a built TFDS dataset: {e}") from None
     features = builder.info.features
-    if (set(features.keys()) != set(FEATURE_NAMES)
+    if (set(features.keys()) != {*FEATURE_NAMES, _modality(builder.info)}
         or "display_names" not in (builder.info.metadata or {})):
       raise sources.DataError(f"{self.dataset_dir}: not built by bridle_jax.data.tfds_builder")
     return builder
@@ -221,7 +249,7 @@ class TfdsSource:
     if self._records is None:
       self._records = self._open_builder().as_data_source(self.split)
     example = self._records[sources.check_index(index, self._num_records)]
-    return {"path": example["path"].decode(), "audio": example["audio"],
+    return {"path": example["path"].decode(), "audio": example[self.modality],
             "labels": np.asarray(example["labels"], np.int32), "fold": int(example["fold"])}
 
   def label_table(self) -> tuple[np.ndarray, np.ndarray]:
@@ -234,37 +262,53 @@ class TfdsSource:
     return {**self.__dict__, "_records": None}
 
 
-def _read_audio_files(paths, num_threads: int):
+def _modality(info) -> str:
+  """The modality a dataset was built for (builds without it in the metadata hold audio)."""
+  return (info.metadata or {}).get("modality", "audio")
+
+
+def _read_files(paths, modality: str, num_threads: int):
   """Yields (bytes, problem) per path, in order, reading up to 2 * num_threads ahead."""
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     pending = collections.deque()
     for path in paths:
-      pending.append(pool.submit(_read_audio_file, path))
+      pending.append(pool.submit(_read_file, path, modality))
       if len(pending) > 2 * num_threads:
         yield pending.popleft().result()
     while pending:
       yield pending.popleft().result()
 
 
-def _read_audio_file(path: str) -> tuple[bytes, str]:
-  """(file bytes, "") or (b"", why the file is unusable)."""
+def _read_file(path: str, modality: str) -> tuple[bytes, str]:
+  """(file bytes, "") or (b"", why the file is unusable). Only the header is checked."""
   try:
     with open(path, "rb") as f:
-      audio = f.read()
+      encoded = f.read()
   except OSError as e:
     return b"", f"cannot read: {e.strerror or e}"
+  if modality == "image":
+    try:
+      with Image.open(io.BytesIO(encoded)):
+        pass
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+      return b"", f"not a readable image file: {e}"
+    return encoded, ""
   try:
-    sf.info(io.BytesIO(audio))
+    sf.info(io.BytesIO(encoded))
   except sf.LibsndfileError as e:
     return b"", f"not a readable audio file: {e.error_string}"
-  return audio, ""
+  return encoded, ""
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
-      description="Build a JSON audio manifest into TFDS ArrayRecord shards.")
-  parser.add_argument("--manifest", required=True, help="AudioMAE/AST JSON manifest")
-  parser.add_argument("--label_csv", required=True, help="class_labels_indices.csv")
+      description="Build a JSON manifest or a class folder into TFDS ArrayRecord shards.")
+  parser.add_argument("--manifest", required=True,
+                      help="JSON manifest (AudioMAE/AST layout), or a folder root/<class>/<file>")
+  parser.add_argument("--label_csv", default="",
+                      help="class_labels_indices.csv (JSON manifests only)")
+  parser.add_argument("--modality", default="audio", choices=sorted(BUILDERS),
+                      help="what the files are")
   parser.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
   parser.add_argument("--split", default="train", help="split name of the manifest's clips")
   parser.add_argument("--name", default="", help="dataset name (default: manifest file stem)")
@@ -277,7 +321,7 @@ def main(argv=None) -> None:
   try:
     dataset_dir = build_array_record(
         args.manifest, args.label_csv, args.data_dir, args.split, name=args.name,
-        clips_per_shard=args.clips_per_shard, read_threads=args.read_threads,
+        modality=args.modality, clips_per_shard=args.clips_per_shard, read_threads=args.read_threads,
         overwrite=args.overwrite)
   except sources.DataError as e:
     parser.exit(1, f"error: {e}\n")

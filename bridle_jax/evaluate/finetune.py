@@ -5,7 +5,7 @@
 
 `config.mode` (or --mode) picks what runs:
   finetune  the whole classifier (`models.classifier`) trains with layer-wise lr decay, drop
-            path, waveform mixup, SpecAugment and optional patch masking.
+            path, optional patch masking and, for audio, waveform mixup and SpecAugment.
   probe     the reference linear probe: only fc_norm and head train, on the same augmented
             stream. With `finetune.fast_probe` a logistic regression on the frozen encoder's
             mean-pooled embeddings replaces it (`fast_probe`; seconds, for quick checks).
@@ -182,7 +182,7 @@ def train_step(state: ClassifierState, batch: dict, *, model: nn.Module, feature
                scales: dict, trainable: tuple[str, ...]):
   """One optimizer step on the trainable params: (state, batch) -> (state, metrics)."""
   rng, aug_rng, dropout_rng, mask_rng = jax.random.split(state.rng, 4)
-  x = features(batch, aug_rng)  # SpecAugment where data.freqm/timem > 0
+  x = features(batch, aug_rng)  # SpecAugment (audio) or random erasing (images) where set
   updated = {k: state.params[k] for k in trainable}
   frozen = {k: v for k, v in state.params.items() if k not in updated}
 
@@ -252,10 +252,16 @@ def adopt_pretrained_architecture(config) -> None:
   pretrained = {field: pretrained_config.model[field] for field in ARCHITECTURE_FIELDS}
   if modality == "audio":
     pretrained["pos_table_frames"] = pretrained_config.data.target_length
-  elif config.data.image_size != pretrained_config.data.image_size:
-    logging.info("data.image_size: %d from %s (config had %d)",
-                 pretrained_config.data.image_size, config.init_from, config.data.image_size)
-    config.data.image_size = pretrained_config.data.image_size
+  else:
+    if config.data.image_size != pretrained_config.data.image_size:
+      logging.info("data.image_size: %d from %s (config had %d)",
+                   pretrained_config.data.image_size, config.init_from, config.data.image_size)
+      config.data.image_size = pretrained_config.data.image_size
+    for field in ("mean", "std"):
+      if tuple(config.data[field]) != tuple(pretrained_config.data[field]):
+        logging.warning("data.%s: %s, but %s pretrained with %s; the encoder sees pixels "
+                        "normalised differently", field, tuple(config.data[field]),
+                        config.init_from, tuple(pretrained_config.data[field]))
   for field, value in pretrained.items():
     if config.model[field] != value:
       logging.info("model.%s: %s from %s (config had %s)", field, value, config.init_from,

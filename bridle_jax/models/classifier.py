@@ -9,8 +9,8 @@ follows the reference's `forward(x, mask_t_prob, mask_f_prob)`.
 
 Param tree: patch_embed, cls_token, blocks_{i} (norm1, attn, norm2, mlp: the names of
 `layers.Block`, so pretrained encoder params drop in unchanged), fc_norm, head; with
-`learn_pos_embed` also `pos_embed` (L, width), started from the fixed table, which timm's
-image ViT fine-tunes (the audio reference keeps it frozen).
+`learn_pos_embed` also `pos_embed` (1 + L, width), the CLS row (zero) and the fixed table's
+rows, which timm's image ViT fine-tunes (the audio reference keeps it frozen).
 
 Input length: a classifier for shorter clips than pretraining (ESC-50: 512 frames, 32 x 8
 patches, vs 1024) takes its fixed pos rows from the pretraining table (`model.pos_table_frames`,
@@ -61,7 +61,8 @@ class DropPathBlock(nn.Module):
 
 
 class Classifier(ViTBackbone):
-  """Logits (B, num_classes) of fbank (B, T, F); `train` enables drop path and masking.
+  """Logits (B, num_classes) of fbank (B, T, F) or images (B, H, W, C); `train` enables drop
+  path and masking.
 
   Reuses the backbone's fields and `embed`; its own setup has no final `norm`.
 
@@ -74,12 +75,13 @@ class Classifier(ViTBackbone):
   mask_2d: bool = True
   mask_t_prob: float = 0.0
   mask_f_prob: float = 0.0
-  learn_pos_embed: bool = False  # a `pos_embed` param started from the fixed table (timm's)
+  learn_pos_embed: bool = False  # a (1 + L)-row `pos_embed` param from the fixed table (timm's)
 
   def setup(self):
     self.patch_embed = PatchEmbed(self.width, self.patch_size, self.dtype, self.param_dtype)
     if self.learn_pos_embed:
       fixed = super().pos_table()
+      fixed = jnp.concatenate([jnp.zeros_like(fixed[:1]), fixed])  # the CLS row
       self.learned_pos = self.param(
           'pos_embed', partitioned(lambda rng, shape, dtype: fixed.astype(dtype), None, 'embed'),
           fixed.shape, self.param_dtype)
@@ -102,7 +104,12 @@ class Classifier(ViTBackbone):
         bias_init=partitioned(nn.initializers.zeros, 'vocab'))
 
   def pos_table(self):
-    return self.learned_pos if self.learn_pos_embed else super().pos_table()
+    return self.learned_pos[1:] if self.learn_pos_embed else super().pos_table()
+
+  def cls_input(self):
+    if self.learn_pos_embed:
+      return self.cls_token + self.learned_pos[0]
+    return super().cls_input()
 
   def _masked(self, tokens):
     """Kept tokens of a random (2-D or 1-D) mask over the patch grid."""

@@ -68,6 +68,10 @@ class ViTBackbone(nn.Module):
     return jnp.asarray(audio_pos_embed(*self.grid, self.width, self.pos_grid, cls=False,
                                        table_t=self.pos_table_t, crop=self.pos_crop))
 
+  def cls_input(self):
+    """(1, 1, width) CLS token as it enters the blocks: the fixed table's CLS row is zero."""
+    return self.cls_token
+
   def transform(self, tokens):
     """Prepends CLS (its pos row is zero), runs the blocks and the final norm."""
     x, length = self.with_cls(tokens)
@@ -78,7 +82,7 @@ class ViTBackbone(nn.Module):
   def with_cls(self, tokens):
     """(CLS + tokens, their count): padded with zero tokens to the length attention runs on
     (cuDNN: an even one), once for all blocks, which mask the padding as keys."""
-    cls = broadcast_param(self.cls_token, (tokens.shape[0], 1, self.width), tokens.dtype)
+    cls = broadcast_param(self.cls_input(), (tokens.shape[0], 1, self.width), tokens.dtype)
     x = jnp.concatenate([cls, tokens], axis=1)
     length = x.shape[1]
     padded = attention.padded_length(length, self.attention_impl, self.dtype,
