@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bridle_jax.convert import to_torch
 from bridle_jax.data import augment
 from bridle_jax.data import image
 from bridle_jax.data import inputs
@@ -218,3 +219,13 @@ def test_a_learnable_pos_embed_starts_at_the_table_and_has_no_weight_decay():
             for p in (params, moved, cls_moved)]
   assert np.abs(pooled[0] - pooled[1]).max() > 1e-2
   assert np.abs(pooled[0] - pooled[2]).max() > 1e-2
+  # Export: the table as is; one saved without its CLS row (before 2026-11-28) gets a zero
+  # one; any other size is refused.
+  params = jax.tree.map(np.asarray, moved)
+  exported = to_torch.classifier_state_dict(config, params)["pos_embed"]
+  np.testing.assert_array_equal(exported, params["pos_embed"][None])
+  legacy = to_torch.classifier_state_dict(config, {**params, "pos_embed": params["pos_embed"][1:]})
+  np.testing.assert_array_equal(legacy["pos_embed"][0, 1:], params["pos_embed"][1:])
+  assert not legacy["pos_embed"][0, 0].any()
+  with pytest.raises(ValueError, match=r"pos_embed is \(63, 64\), its input grid needs \(65, 64\)"):
+    to_torch.classifier_state_dict(config, {**params, "pos_embed": params["pos_embed"][2:]})

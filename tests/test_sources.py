@@ -3,6 +3,7 @@ import fcntl
 import json
 import os
 import pickle
+import shutil
 
 import ml_collections
 import numpy as np
@@ -296,11 +297,33 @@ def test_tfds_source_pickles_and_opens_via_config(built_tfds):
     sources.open_source(_data_config(format="tfds", manifest=dataset_dir, modality="image"))
 
 
-def test_tfds_build_refuses_existing_dataset(built_tfds):
-  _, manifest, label_csv, dataset_dir = built_tfds
+def test_a_set_built_before_sets_recorded_their_modality_opens_as_audio(built_tfds, tmp_path):
+  _, _, _, dataset_dir = built_tfds
+  old = shutil.copytree(dataset_dir, tmp_path / "old")
+  with open(old / "metadata.json") as f:
+    metadata = json.load(f)
+  del metadata["modality"]
+  with open(old / "metadata.json", "w") as f:
+    json.dump(metadata, f)
+  source = sources.open_source(_data_config(format="tfds", manifest=str(old)))
+  assert source.modality == "audio" and len(source) == 5
+  assert source[0]["audio"] == tfds_builder.TfdsSource(dataset_dir)[0]["audio"]
+
+
+def test_tfds_build_refuses_existing_dataset_and_bad_inputs(built_tfds, monkeypatch):
+  base, manifest, label_csv, dataset_dir = built_tfds
+  # Refused before the manifest is read (a class folder of millions of files is walked).
+  monkeypatch.setattr(sources.JsonManifestSource, "__init__", None)
   with pytest.raises(sources.DataError, match="already built"):
     tfds_builder.build_array_record(manifest, label_csv,
                                     os.path.dirname(os.path.dirname(os.path.dirname(dataset_dir))))
+  monkeypatch.undo()
+  with pytest.raises(sources.DataError, match="nosuch: not found"):
+    tfds_builder.build_array_record(str(base / "nosuch"), "", str(base / "x"))
+  with pytest.raises(sources.DataError, match="a class folder's classes are its folder names"):
+    tfds_builder.build_array_record(str(base / "audio"), label_csv, str(base / "x"))
+  with pytest.raises(sources.DataError, match="a JSON manifest needs a label csv"):
+    tfds_builder.build_array_record(manifest, "", str(base / "x"))
 
 
 def test_a_dataset_built_with_another_split_name_opens_through_the_config(built_tfds):

@@ -109,7 +109,14 @@ def classifier_state_dict(config, params: dict) -> dict[str, np.ndarray]:
       (entry.key, _entry_tensor(entry, {"encoder": params}))
       for entry in layout.finetune_backbone_layout(config))
   if "pos_embed" in params:  # learned (finetune.learn_pos_embed), CLS row first
-    state["pos_embed"] = np.asarray(params["pos_embed"], np.float32)[None]
+    learned = np.asarray(params["pos_embed"], np.float32)
+    rows = state["pos_embed"].shape[1]
+    if len(learned) == rows - 1:  # saved before 2026-11-28, without its (zero) CLS row
+      learned = np.concatenate([np.zeros_like(learned[:1]), learned])
+    if learned.shape != state["pos_embed"].shape[1:]:
+      raise ValueError(f"the classifier's pos_embed is {learned.shape}, its input grid needs "
+                       f"{state['pos_embed'].shape[1:]}")
+    state["pos_embed"] = learned[None]
   state["fc_norm.weight"] = np.asarray(params["fc_norm"]["scale"], np.float32)
   state["fc_norm.bias"] = np.asarray(params["fc_norm"]["bias"], np.float32)
   state["head.weight"] = np.asarray(params["head"]["kernel"], np.float32).T

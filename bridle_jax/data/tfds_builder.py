@@ -160,26 +160,32 @@ def build_array_record(manifest: str, label_csv: str, data_dir: str, split: str 
   if modality not in BUILDERS:
     raise ValueError(f"modality {modality!r} is not one of {', '.join(BUILDERS)}")
   manifest = os.path.abspath(manifest)
+  if not os.path.exists(manifest):
+    raise sources.DataError(f"{manifest}: not found (a JSON manifest or a class folder)")
+  if os.path.isdir(manifest) and label_csv:
+    raise sources.DataError(f"{manifest}: a class folder's classes are its folder names; "
+                            "leave out the label csv (--label_csv)")
   if not os.path.isdir(manifest) and not label_csv:
     raise sources.DataError(f"{manifest}: a JSON manifest needs a label csv (--label_csv)")
   config = AudioManifestConfig(
       name=name or os.path.splitext(os.path.basename(manifest))[0], manifest=manifest,
       label_csv=os.path.abspath(label_csv) if label_csv else "", split=split,
       clips_per_shard=clips_per_shard, read_threads=read_threads)
-  builder = BUILDERS[modality](config=config, data_dir=os.path.abspath(data_dir),
-                               file_format=FILE_FORMAT)
-  dataset_dir = os.fspath(builder.data_dir)
+  builder_class = BUILDERS[modality]
+  dataset_dir = os.path.join(os.path.abspath(data_dir), builder_class.name, config.name, VERSION)
   with _build_lock(dataset_dir):
     if os.path.exists(dataset_dir) and not overwrite:
       raise sources.DataError(f"{dataset_dir}: already built (rebuild with overwrite=True, "
                               "--overwrite on the command line)")
     # tfds writes into incomplete.<random>_<version> and renames it when done: one left
     # beside the dataset is the partial output of a build that was killed.
-    version = os.path.basename(dataset_dir)
     for leftover in glob.glob(os.path.join(os.path.dirname(dataset_dir),
-                                           f"incomplete.*_{version}")):
+                                           f"incomplete.*_{VERSION}")):
       logging.warning("Removing %s, the partial output of an interrupted build", leftover)
       shutil.rmtree(leftover)
+    # Constructing the builder reads the whole manifest or folder (its classes).
+    builder = builder_class(config=config, data_dir=os.path.abspath(data_dir),
+                            file_format=FILE_FORMAT)
     with tempfile.TemporaryDirectory() as unused_download_dir:  # tfds creates one
       builder.download_and_prepare(
           download_dir=unused_download_dir,
@@ -311,7 +317,8 @@ def main(argv=None) -> None:
                       help="what the files are")
   parser.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
   parser.add_argument("--split", default="train", help="split name of the manifest's clips")
-  parser.add_argument("--name", default="", help="dataset name (default: manifest file stem)")
+  parser.add_argument("--name", default="",
+                      help="dataset name (default: the manifest's file stem or folder's name)")
   parser.add_argument("--clips_per_shard", type=int, default=1024,
                       help="clips per ArrayRecord shard (a shard is buffered in memory)")
   parser.add_argument("--read_threads", type=int, default=8, help="parallel file reads")
@@ -321,8 +328,8 @@ def main(argv=None) -> None:
   try:
     dataset_dir = build_array_record(
         args.manifest, args.label_csv, args.data_dir, args.split, name=args.name,
-        modality=args.modality, clips_per_shard=args.clips_per_shard, read_threads=args.read_threads,
-        overwrite=args.overwrite)
+        modality=args.modality, clips_per_shard=args.clips_per_shard,
+        read_threads=args.read_threads, overwrite=args.overwrite)
   except sources.DataError as e:
     parser.exit(1, f"error: {e}\n")
   print(dataset_dir)
