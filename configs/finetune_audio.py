@@ -29,7 +29,9 @@ frames since its clips are only 128 frames long.
 """
 import ml_collections
 
-from configs import audio as audio_config
+from bridle_jax import config_files
+
+audio_config = config_files.sibling(__file__, "audio")
 
 # Dataset statistics of the reference: (mean, std) of the log-mel fbank.
 DATASET_STATS = {"audioset": (-4.4446096, 3.3216383), "esc50": (-6.6268077, 5.358466),

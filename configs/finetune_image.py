@@ -22,8 +22,10 @@ them). `data.image_size` is taken from the pretraining run.
 """
 import ml_collections
 
-from configs import finetune_audio
-from configs import image as image_config
+from bridle_jax import config_files
+
+finetune_audio = config_files.sibling(__file__, "finetune_audio")
+image_config = config_files.sibling(__file__, "image")
 
 # name: (mode, lr, epochs, warmup_epochs, global batch)
 RECIPES = {"in1k": ("finetune", 5e-4, 200, 5, 1024), "in1k_probe": ("probe", 8e-3, 200, 10, 256)}

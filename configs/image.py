@@ -18,8 +18,10 @@ else (quantizer, rounds, devices, checkpoints) is the audio recipe's.
 """
 import ml_collections
 
+from bridle_jax import config_files
 from bridle_jax.data import image
-from configs import audio as audio_config
+
+audio_config = config_files.sibling(__file__, "audio")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -28,6 +28,26 @@ def test_shipped_configs_are_valid(variant):
   config_validation.validate_config(config)
 
 
+def test_every_shipped_config_loads_by_path_from_any_directory(tmp_path):
+  """configs/*.py build on each other; given by absolute path from another directory
+  (where `configs` is not importable) each still loads, as --config loads it."""
+  script = ("import sys\n"
+            "from absl import flags\n"
+            "from ml_collections import config_flags\n"
+            "config = config_flags.DEFINE_config_file('config')\n"
+            "flags.FLAGS(['x', '--config=' + sys.argv[1]])\n"
+            "print(config.value.get('mode', 'train'))\n")
+  for name, variant, mode in (("audio", "", "train"), ("image", "demo", "train"),
+                              ("finetune_audio", "esc50", "finetune"),
+                              ("finetune_image", "in1k_probe", "probe")):
+    path = os.path.join(REPO, "configs", f"{name}.py") + (f":{variant}" if variant else "")
+    result = subprocess.run([sys.executable, "-c", script, path], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": ""}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == mode, name
+
+
 def test_default_config_is_the_paper_recipe():
   c = audio_config.get_config()
   assert (c.data.target_length, c.data.num_mel_bins, c.model.patch_size) == (1024, 128, 16)
