@@ -220,7 +220,7 @@ def phase_programs(config, kind: str, batch: int, mesh) -> PhasePrograms:
     fn = steps.phase_step(models, kind, phase_config, tx, schedule, **kwargs)
     return jax.jit(fn, in_shardings=(shardings, {name: batch_sharding for name in batch_specs}),
                    out_shardings=(shardings, replicated, replicated), donate_argnums=0,
-                   compiler_options=platform.compiler_options())
+                   compiler_options=platform.model_compiler_options(config.model))
 
   programs = [jitted()] + ([jitted(with_tokenizer=False)] if kind == "joint" else [])
   return PhasePrograms(models, fresh, shardings, batch_specs, programs)

@@ -6,7 +6,7 @@ import ml_collections
 from bridle_jax.data import audio
 from bridle_jax.data import inputs
 from bridle_jax.data import randaugment
-from bridle_jax.models import (attention, decoder, layers, pos_embed, vit,
+from bridle_jax.models import (attention, decoder, layers, platform, pos_embed, vit,
                                window_attention_kernel)
 from bridle_jax.train.sharding import MESH_AXES
 
@@ -155,6 +155,8 @@ def validate_config(config: ml_collections.ConfigDict, data_paths: bool = True) 
   _one_of(config, "model.remat", tuple(layers.REMAT_POLICIES))
   _one_of(config, "model.residual_stream_dtype", RESIDUAL_STREAM_DTYPES)
   _one_of(config, "model.gelu", tuple(layers.GELU_FORMS))
+  if "gpu_matmuls" in m:
+    _one_of(config, "model.gpu_matmuls", platform.GPU_MATMULS)
   _require(m.attention_impl != "cudnn" or m.dtype == "bfloat16", "model.attention_impl",
            f"'cudnn' needs model.dtype='bfloat16', got {m.dtype!r}")
   _require(m.width % m.num_heads == 0, "model.width",

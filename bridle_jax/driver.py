@@ -63,6 +63,7 @@ class Trainer:
     self.workdir = workdir
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.models = state_lib.build_models(config)
+    self.compiler_options = platform.model_compiler_options(config.model)
     self.source = sources.open_source(config.data)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)
@@ -239,7 +240,7 @@ class Trainer:
                             **kwargs)
       return jax.jit(fn, in_shardings=(shardings, batch_shardings),
                      out_shardings=(shardings, self.replicated, self.replicated),
-                     donate_argnums=0, compiler_options=platform.compiler_options())
+                     donate_argnums=0, compiler_options=self.compiler_options)
 
     encoder_only_step = compile_step(with_tokenizer=False) if phase.kind == "joint" else None
     logging.info("%s: %d steps (%d per epoch), batch %d%s", phase.id, total, steps_per_epoch,
@@ -266,7 +267,7 @@ class Trainer:
     codes_fn = jax.jit(
         lambda s, b: steps.codes_step(s, b, models=models, cold_start=cold_start),
         in_shardings=(shardings, batch_shardings), out_shardings=self.batch_sharding,
-        compiler_options=platform.compiler_options())
+        compiler_options=self.compiler_options)
     cache = code_cache.CodeCache(len(self.source), models.encoder.num_patches,
                                  spec.num_codebooks * spec.soft_code, spec.codebook_size,
                                  jax.process_count())

@@ -26,7 +26,8 @@ SHAPE_FIELDS = ("model", "data.modality", "data.target_length", "data.num_mel_bi
 # and reset to these portable values when a finished run is loaded for inference.
 SPEED_DEFAULTS = {"model.attention_impl": "auto", "model.remat": "none",
                   "model.decoder.attention_impl": "auto",
-                  "model.residual_stream_dtype": "float32", "model.gelu": "exact"}
+                  "model.residual_stream_dtype": "float32", "model.gelu": "exact",
+                  "model.gpu_matmuls": "auto"}
 # Data fields that a resumed run may change although its started phases used them: how
 # the data is read and where it lies (a moved corpus), not what it holds.
 RESUME_FREE = ("data.num_workers", "data.prefetch", "data.manifest", "data.label_csv",

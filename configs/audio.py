@@ -83,6 +83,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                # halves their memory traffic)
   m.gelu = "exact"             # exact (erf, as the reference) | tanh (its approximation,
                                # which XLA:GPU folds into the fc1 matmul)
+  m.gpu_matmuls = "auto"       # auto (XLA picks Triton or cuBLAS) | cublas (all cuBLAS: XLA
+                               # folds bias adds and the tanh GELU into them)
   m.decoder = dec = ml_collections.ConfigDict()
   dec.mode = 1                 # 0 global transformer, 1 Swin local windows
   dec.width = 512

@@ -12,10 +12,10 @@
 # bf16 between the ViT blocks), encoder_remat_dots and tokenizer_remat_dots (with
 # model.remat=dots, which `bridle_jax.aot` found to free 16-21 GiB at batch 256, so that
 # BATCHES=512 fits an H100), encoder_cublas and tokenizer_cublas (matmuls as cuBLAS calls,
-# XLA_FLAGS=--xla_gpu_enable_triton_gemm=false, which lets XLA fold bias adds into them),
+# model.gpu_matmuls=cublas, which lets XLA fold bias adds into them),
 # encoder_gelu_tanh and tokenizer_gelu_tanh (the same with model.gelu=tanh, whose GELU
-# XLA folds into the fc1 matmul too), encoder_fast and tokenizer_fast (all of these at once:
-# cuBLAS matmuls, tanh GELU, bf16 residual stream), encoder_merging and tokenizer_merging
+# XLA folds into the fc1 matmul too), encoder_fast, tokenizer_fast and joint_fast (all of
+# these at once: cuBLAS matmuls, tanh GELU, bf16 residual stream), encoder_merging and tokenizer_merging
 # (with XLA's merging of matmuls that share an input, which the steps switch off on a GPU;
 # it applies below about 40 samples per device, so time these against the plain runs at
 # e.g. BATCHES=32); each a sweep over $BATCHES in the config's dtype, bf16;
@@ -60,7 +60,7 @@ if [[ ${#RUNS[@]} -eq 0 ]]; then
   RUNS=(attention encoder encoder_reuse encoder_xla_window tokenizer joint
         encoder_bf16_residual tokenizer_bf16_residual encoder_remat_dots tokenizer_remat_dots
         encoder_cublas tokenizer_cublas encoder_gelu_tanh tokenizer_gelu_tanh
-        encoder_fast tokenizer_fast encoder_merging tokenizer_merging profile input precision)
+        encoder_fast tokenizer_fast joint_fast encoder_merging tokenizer_merging profile input precision)
 fi
 
 seconds_left() { echo $((TIME_LIMIT - SECONDS)); }
@@ -96,7 +96,7 @@ sweep_with() {
 }
 
 # Matmuls as cuBLAS calls, into which XLA folds bias adds and the tanh GELU.
-CUBLAS=--xla_gpu_enable_triton_gemm=false
+CUBLAS=--config.model.gpu_matmuls=cublas
 
 run() {
   local phase="${1%%_*}"
@@ -108,10 +108,9 @@ run() {
     encoder_bf16_residual | tokenizer_bf16_residual)
       sweep "$phase" --config.model.residual_stream_dtype=compute ;;
     encoder_remat_dots | tokenizer_remat_dots) sweep "$phase" --config.model.remat=dots ;;
-    encoder_cublas | tokenizer_cublas) sweep_with "$CUBLAS" "$phase" ;;
-    encoder_gelu_tanh | tokenizer_gelu_tanh)
-      sweep_with "$CUBLAS" "$phase" --config.model.gelu=tanh ;;
-    encoder_fast | tokenizer_fast) sweep_with "$CUBLAS" "$phase" --config.model.gelu=tanh \
+    encoder_cublas | tokenizer_cublas) sweep "$phase" "$CUBLAS" ;;
+    encoder_gelu_tanh | tokenizer_gelu_tanh) sweep "$phase" "$CUBLAS" --config.model.gelu=tanh ;;
+    encoder_fast | tokenizer_fast | joint_fast) sweep "$phase" "$CUBLAS" --config.model.gelu=tanh \
         --config.model.residual_stream_dtype=compute ;;
     encoder_merging | tokenizer_merging)
       sweep_with --xla_gpu_dot_merger_threshold_mb=32 "$phase" ;;

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
@@ -148,7 +149,7 @@ def _gradient_hlo_for_h100(module, input_shape) -> str:
   compilation_cache.reset_cache()
   try:
     with platform.compiling_for("gpu"):
-      options = {"xla_gpu_enable_triton_gemm": False, **platform.compiler_options()}
+      options = platform.compiler_options(gpu_matmuls="cublas")
       return jax.jit(jax.grad(loss)).lower(params, x).compile(options).as_text()
   finally:
     jax.config.update("jax_enable_compilation_cache", enabled)
@@ -188,13 +189,23 @@ def test_the_q_bias_is_added_inside_its_matmul_on_a_gpu():
 
 
 def test_steps_for_a_gpu_are_compiled_without_matmul_merging(monkeypatch):
-  """Only programs for a GPU get the option, and XLA_FLAGS naming it wins."""
+  """Only programs for a GPU get the options, `model.gpu_matmuls=cublas` switches Triton
+  matmuls off, and XLA_FLAGS naming an option wins."""
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   assert platform.compiler_options() == {}  # this CPU
+  assert platform.compiler_options("cublas") == {}
   with platform.compiling_for("gpu"):
     assert platform.compiler_options() == {"xla_gpu_dot_merger_threshold_mb": 0}
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_dot_merger_threshold_mb=32")
-    assert platform.compiler_options() == {}
+    model = ml_collections.ConfigDict({"gpu_matmuls": "cublas"})
+    assert platform.model_compiler_options(model) == {
+        "xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_enable_triton_gemm": False}
+    assert platform.model_compiler_options(ml_collections.ConfigDict()) == {
+        "xla_gpu_dot_merger_threshold_mb": 0}  # a config saved before the field
+    with pytest.raises(ValueError, match="model.gpu_matmuls='triton'"):
+      platform.compiler_options("triton")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_dot_merger_threshold_mb=32 "
+                       "--xla_gpu_enable_triton_gemm=true")
+    assert platform.compiler_options("cublas") == {}
 
 
 @needs_libtpu

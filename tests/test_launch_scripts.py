@@ -172,16 +172,17 @@ def test_benchmark_gpu_times_the_encoder_only_runs_at_the_batches_asked(tmp_path
       f"--batch=8,16 {flags}"]
 
 
-CUBLAS = "--xla_gpu_enable_triton_gemm=false"
+CUBLAS = "--config.model.gpu_matmuls=cublas"
 MERGING = "--xla_gpu_dot_merger_threshold_mb=32"
 
 
 @pytest.mark.parametrize("setting, flag, xla_flag", [
     ("bf16_residual", "--config.model.residual_stream_dtype=compute", None),
     ("remat_dots", "--config.model.remat=dots", None),
-    ("cublas", "--batch=64,128", CUBLAS),
-    ("gelu_tanh", "--config.model.gelu=tanh", CUBLAS),
-    ("fast", "--config.model.gelu=tanh --config.model.residual_stream_dtype=compute", CUBLAS),
+    ("cublas", CUBLAS, None),
+    ("gelu_tanh", f"{CUBLAS} --config.model.gelu=tanh", None),
+    ("fast", f"{CUBLAS} --config.model.gelu=tanh --config.model.residual_stream_dtype=compute",
+     None),
     ("merging", "--batch=64,128", MERGING),
 ])
 def test_benchmark_gpu_times_each_phase_with_a_speed_setting(tmp_path, setting, flag, xla_flag):
@@ -197,8 +198,7 @@ def test_benchmark_gpu_times_each_phase_with_a_speed_setting(tmp_path, setting, 
     assert f"--phase={phase} --batch=64,128" in line
     assert line.endswith(flag)
     xla_flags = line.split(" | ")[0].split()
-    for known in (CUBLAS, MERGING):
-      assert (known in xla_flags) == (known == xla_flag), known
+    assert (MERGING in xla_flags) == (MERGING == xla_flag)
 
 
 @pytest.mark.parametrize("own_cache", ["", "/elsewhere"], ids=["default", "own_directory"])

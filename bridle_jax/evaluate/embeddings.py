@@ -130,7 +130,7 @@ class Embedder:
     self.params = encoder_params
     self.batch_size = batch_size
     self._forward = jax.jit(self._embed_batch, static_argnames="with_patch",
-                            compiler_options=platform.compiler_options())
+                            compiler_options=platform.model_compiler_options(model_config))
 
   @classmethod
   def from_workdir(cls, workdir: str, phase_id: str | None = None,

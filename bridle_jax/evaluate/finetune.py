@@ -330,6 +330,7 @@ class Finetuner:
     sharding.check_batch_divides("finetune.batch_size", config.finetune.batch_size, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)
+    self.compiler_options = platform.model_compiler_options(config.model)
     self.source = sources.open_source(config.data)
     grid = classifier_lib.input_grid(config.model, config.data)
     self.model = classifier_lib.classifier_from_config(config.model, config.finetune, grid,
@@ -347,7 +348,7 @@ class Finetuner:
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=self.model, features=self.features),
         in_shardings=(self.shardings.params, {**batch_shardings, "mask": self.batch_sharding}),
-        out_shardings=self.replicated, compiler_options=platform.compiler_options())
+        out_shardings=self.replicated, compiler_options=self.compiler_options)
     self.encoder_params = self._pretrained_encoder() if config.init_from else None
     self._start = jax.jit(self._start_state, out_shardings=self.shardings)
     self._train_steps = {}  # (total, warmup) -> compiled step; equal folds share one
@@ -397,7 +398,7 @@ class Finetuner:
                             schedule=schedule, scales=self.scales, trainable=self.trainable),
           in_shardings=(self.shardings, {k: self.batch_sharding for k in self.batch_keys}),
           out_shardings=(self.shardings, self.replicated), donate_argnums=0,
-          compiler_options=platform.compiler_options())
+          compiler_options=self.compiler_options)
     return self._train_steps[total, warmup]
 
   def device_batch(self, host_batch: dict) -> dict:

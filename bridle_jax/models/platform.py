@@ -16,6 +16,11 @@ import jax
 # tokenizer step moves and 3.8 GB (6 %) to an encoder step's. The steps set this
 # threshold (XLA's option name) to 0.
 MATMUL_MERGER_THRESHOLD = "xla_gpu_dot_merger_threshold_mb"
+# `model.gpu_matmuls`: 'auto' lets XLA:GPU's autotuner pick Triton or cuBLAS per matmul;
+# 'cublas' makes every matmul a cuBLAS call, into which XLA folds bias adds, the bf16
+# residual add and the tanh GELU (`model.gelu=tanh`) as epilogues.
+GPU_MATMULS = ("auto", "cublas")
+TRITON_MATMULS = "xla_gpu_enable_triton_gemm"
 
 _target: str | None = None
 
@@ -38,9 +43,21 @@ def compiling_for(platform: str):
     _target = previous
 
 
-def compiler_options() -> dict:
+def compiler_options(gpu_matmuls: str = "auto") -> dict:
   """XLA options for the steps compiled for `backend()`: on a GPU no merging of matmuls,
-  unless XLA_FLAGS sets that threshold itself."""
-  if backend() != "gpu" or MATMUL_MERGER_THRESHOLD in os.environ.get("XLA_FLAGS", ""):
+  and with `gpu_matmuls='cublas'` no Triton matmuls; an option XLA_FLAGS sets wins."""
+  if backend() != "gpu":
     return {}
-  return {MATMUL_MERGER_THRESHOLD: 0}
+  if gpu_matmuls not in GPU_MATMULS:
+    raise ValueError(f"model.gpu_matmuls={gpu_matmuls!r} is not one of "
+                     f"{', '.join(map(repr, GPU_MATMULS))}")
+  options = {MATMUL_MERGER_THRESHOLD: 0}
+  if gpu_matmuls == "cublas":
+    options[TRITON_MATMULS] = False
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  return {name: value for name, value in options.items() if name not in xla_flags}
+
+
+def model_compiler_options(model_cfg) -> dict:
+  """`compiler_options` for a model config (`model.gpu_matmuls`, 'auto' where absent)."""
+  return compiler_options(model_cfg.get("gpu_matmuls", "auto"))
