@@ -15,10 +15,10 @@
 # model.gpu_matmuls=cublas, which lets XLA fold bias adds into them),
 # encoder_gelu_tanh and tokenizer_gelu_tanh (the same with model.gelu=tanh, whose GELU
 # XLA folds into the fc1 matmul too), encoder_fast, tokenizer_fast and joint_fast (all of
-# these at once: cuBLAS matmuls, tanh GELU, bf16 residual stream), encoder_merging and tokenizer_merging
-# (with XLA's merging of matmuls that share an input, which the steps switch off on a GPU;
-# it applies below about 40 samples per device, so time these against the plain runs at
-# e.g. BATCHES=32); each a sweep over $BATCHES in the config's dtype, bf16;
+# these at once: cuBLAS matmuls, tanh GELU, bf16 residual stream), encoder_merging and
+# tokenizer_merging (with XLA's merging of matmuls that share an input, which the steps
+# switch off on a GPU; it applies below about 40 samples per device, so time these against
+# the plain runs at e.g. BATCHES=32); each a sweep over $BATCHES in the config's dtype, bf16;
 # profile (a trace of 3 encoder and 3 tokenizer steps at the last batch size of $BATCHES,
 # whose compiled steps a sweep before it leaves in the cache, and the device time per op,
 # in $SCRATCH/profile/<phase>), input (the host pipeline on 10 s clips written to
@@ -60,7 +60,8 @@ if [[ ${#RUNS[@]} -eq 0 ]]; then
   RUNS=(attention encoder encoder_reuse encoder_xla_window tokenizer joint
         encoder_bf16_residual tokenizer_bf16_residual encoder_remat_dots tokenizer_remat_dots
         encoder_cublas tokenizer_cublas encoder_gelu_tanh tokenizer_gelu_tanh
-        encoder_fast tokenizer_fast joint_fast encoder_merging tokenizer_merging profile input precision)
+        encoder_fast tokenizer_fast joint_fast encoder_merging tokenizer_merging profile input
+        precision)
 fi
 
 seconds_left() { echo $((TIME_LIMIT - SECONDS)); }
