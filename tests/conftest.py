@@ -6,28 +6,17 @@ import tempfile
 import cpu_env
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The CLI tests start many processes that compile the same programs: share compilations.
+# The CLI tests start many processes that compile the same programs: share compilations,
+# the small ones too (they cost a CLI run about 3 s of its 30).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "bridle_jax_test_xla_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cpu_env.xla_flags(8)).strip()
 
-import jax  # pylint: disable=g-import-not-at-top
-import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
-from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
 
 # grain worker processes read absl flags; under pytest nobody parses them.
 flags.FLAGS.mark_as_parsed()
-
-# Outside GPUs orbax copies a replicated array off the devices one slice per device, each a
-# program of its own; the 8 emulated devices share the host's memory, so this only slows
-# every save of the tests in this process (the demo state: 1.7 to 3.0 s, 0.5 s without).
-# The files are the same; the subprocesses the tests start keep orbax's default.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(
-        use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()),
-    override=True)
 
 # The modules that take longest (seconds of test time on 2 cores with an empty compilation
 # cache, 2026-11-27), longest first: the two workers take whole modules in collection order

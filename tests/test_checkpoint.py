@@ -2,6 +2,7 @@
 interrupted saves, the progress file and grain iterator state."""
 import copy
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -177,6 +178,23 @@ def test_restore_onto_eight_device_mesh(tmp_path):
   assert restored.opt_state[0].mu["dense"]["kernel"].sharding == by_rows
   assert restored.codebooks.embeddings.sharding == by_rows
   assert restored.step.sharding == replicated
+
+
+def test_replicated_state_saves_without_compiling_a_program_per_device(tmp_path, caplog):
+  """On CPU, a state replicated over the 8 devices is written from one of them: the save
+  compiles nothing (orbax's per-replica slices would compile one program per array and
+  device), and the files restore to the same values."""
+  replicated = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
+                             PartitionSpec())
+  state = jax.device_put(_tiny_state(seed=3), replicated)
+  ckpt = checkpoint.PhaseCheckpointer(str(tmp_path), save_every=1, keep=1, async_save=False)
+  with caplog.at_level(logging.WARNING), jax.log_compiles():
+    assert ckpt.save(1, state, None)
+  compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+  assert not compiled, compiled
+  restored, _ = ckpt.restore(_abstract(state, lambda x: replicated))
+  ckpt.close()
+  _assert_same_tree(restored, state)
 
 
 def test_leftover_temporary_directory_is_ignored(tmp_path):

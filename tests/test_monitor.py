@@ -170,6 +170,33 @@ def test_a_resumed_phase_summarises_the_whole_phase(tmp_path):
   assert at_the_end["samples_per_s"] is None and at_the_end["final_loss"] == pytest.approx(10.0)
 
 
+def test_a_phase_resumed_at_its_end_keeps_its_codebook_usage(tmp_path):
+  """Usage at steps 3, 6, 9; the checkpoint is at 6. The resumed run redoes 9 with other
+  counts and ends at 10; a run killed in the last save then resumes at 10 and takes no
+  step: its summary still reports the usage of step 10, and its plot all four steps."""
+  def monitor(start_step):
+    return monitor_lib.PhaseMonitor(str(tmp_path), "tokenizer_r2", total_steps=10,
+                                    global_batch_size=2, log_every=5, usage_every=3,
+                                    start_step=start_step)
+  first = monitor(0)
+  for step in (3, 6, 9):
+    first.record_codebook_usage(step, jnp.array([[step, 0, 0, 0], [1, 1, 0, 0]]))
+  resumed = monitor(6)
+  resumed.record_codebook_usage(9, jnp.array([[1, 1, 1, 0], [0, 0, 0, 0]]))
+  resumed.record_codebook_usage(10, jnp.array([[2, 2, 2, 2], [5, 0, 0, 0]]))
+  assert resumed.finish()["codebook_usage"]["fraction_used"] == [1.0, 0.25]
+
+  at_the_end = monitor(10).finish()
+  assert at_the_end["codebook_usage"]["fraction_used"] == [1.0, 0.25]
+  assert at_the_end["codebook_usage"]["perplexity"] == [pytest.approx(4.0), 1.0]
+  with open(tmp_path / "history" / "tokenizer_r2.usage.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [3, 6, 9, 10]
+  assert records[2]["counts"] == [[1, 1, 1, 0], [0, 0, 0, 0]]
+  assert matplotlib.image.imread(at_the_end["plot"]).shape[:2] == (400, 1200)  # with usage
+  assert monitor(0).finish()["codebook_usage"] is None  # a fresh start forgets them
+
+
 def test_tensorboard_keeps_every_step_across_a_checkpoint_and_resume(tmp_path):
   """Stopped at step 7 right after its checkpoint (log lines at 5 and 10): the event files
   still show steps 6 and 7, and the resumed run's 8 to 12 once each."""

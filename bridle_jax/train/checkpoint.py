@@ -60,6 +60,20 @@ def _decode_json(value: Any) -> Any:
   return value
 
 
+def save_replicated_arrays_from_one_device_on_cpu() -> None:
+  """On the CPU backend, has orbax write a replicated array from one device rather than
+  a slice from each of its replicas. CPU devices share the host's memory, so the slices
+  save nothing and cost a small compiled program per array and device (with 8 devices,
+  11 s of a 50-step demo phase). The files are the same. Elsewhere it does nothing."""
+  if jax.default_backend() != "cpu":
+    return
+  from orbax.checkpoint._src.metadata import array_metadata_store  # private: loaded on CPU only
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()),
+      override=True)
+
+
 def _host_file_name() -> str:
   return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
@@ -104,6 +118,7 @@ class PhaseCheckpointer:
     # orbax refuses relative paths; a workdir given as `runs/x` is taken from the cwd.
     self.directory = os.path.abspath(directory)
     self.save_every = save_every
+    save_replicated_arrays_from_one_device_on_cpu()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)

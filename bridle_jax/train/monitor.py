@@ -5,9 +5,10 @@ are only fetched to the host (one `jax.device_get` for the whole interval) when 
 log line is due or `sync` is called before a checkpoint, so dispatch stays asynchronous
 between those steps. Steps count completed optimizer steps of the phase: 1..total_steps.
 
-The loss of every step is also appended to WORKDIR/history/<phase>.jsonl. A phase that
-resumes from the checkpoint at step S keeps the lines up to S, so its summary and loss
-plot cover the whole phase, as if it had never stopped.
+The loss of every step is also appended to WORKDIR/history/<phase>.jsonl, and the code
+counts of every usage step to WORKDIR/history/<phase>.usage.jsonl. A phase that resumes
+from the checkpoint at step S keeps the lines up to S, so its summary and plot cover the
+whole phase, as if it had never stopped.
 
 TensorBoard event files are written by `events.ScalarWriter`, which needs no TensorFlow.
 """
@@ -87,16 +88,23 @@ class PhaseMonitor:
     self._pending = []  # (step, {name: device or host value}) not yet logged.
     self._fetched = 0  # How many of the pending entries hold host values.
     self._history_path = os.path.join(workdir, "history", f"{phase_id}.jsonl")
+    self._usage_path = os.path.join(workdir, "history", f"{phase_id}.usage.jsonl")
+    restored_losses = _restore_records(self._history_path, start_step) if is_writer else []
+    restored_usage = _restore_records(self._usage_path, start_step) if is_writer else []
     # (step, loss) host values of every fetched step, earlier runs of the phase included.
-    self.loss_history = self._restore_history(start_step) if is_writer else []
+    self.loss_history = [(r["step"], math.nan if r["loss"] is None else r["loss"])
+                         for r in restored_losses]
     self._steps_recorded = 0
     self._first_step = start_step  # Where this run began.
     self._last_step = start_step
     self._interval_start_step = start_step  # The step before the current log interval.
     self._last_log_time = self._start_time
     self._first_log = None  # (steps recorded, time) at the first log line.
-    self._usage_total = None  # (S, K) counts summed over record_codebook_usage calls.
-    self._usage_final = None  # (fraction used, perplexity) of the latest call.
+    self._usage_total = None  # (S, K) counts summed over the phase's usage steps.
+    self._usage_final = None  # (fraction used, perplexity) of the latest usage step.
+    self._usage_steps = []  # the steps whose counts are in _usage_total
+    for record in restored_usage:
+      self._add_usage(record["step"], np.asarray(record["counts"], np.float64))
 
   def should_log(self, step: int) -> bool:
     """Whether `record(step, ...)` fetches the buffer and writes a log line."""
@@ -117,9 +125,12 @@ class PhaseMonitor:
   def record_codebook_usage(self, step: int, counts) -> None:
     """Fetches (S, K) code assignment counts; logs and writes usage fraction and perplexity."""
     counts = np.asarray(jax.device_get(counts), np.float64)
-    used, perplexity = codebook_usage_stats(counts)
-    self._usage_total = counts if self._usage_total is None else self._usage_total + counts
-    self._usage_final = (used, perplexity)
+    used, perplexity = self._add_usage(step, counts)
+    if self.is_writer:
+      os.makedirs(os.path.dirname(self._usage_path), exist_ok=True)
+      with open(self._usage_path, "a", encoding="utf-8") as f:
+        whole = np.rint(counts).astype(np.int64).tolist()
+        f.write(json.dumps({"step": step, "counts": whole}) + "\n")
     logging.info("%s step %d/%d codebook usage: used %s | perplexity %s (of %d codes)",
                  self.phase_id, step, self.total_steps,
                  " ".join(f"{u:.3f}" for u in used),
@@ -129,16 +140,25 @@ class PhaseMonitor:
         self._writer.add_scalar(f"{self.phase_id}/codebook{s}_used", float(u), step)
         self._writer.add_scalar(f"{self.phase_id}/codebook{s}_perplexity", float(p), step)
 
+  def _add_usage(self, step: int, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Adds one step's (S, K) counts to the phase's; returns their (used, perplexity)."""
+    used, perplexity = codebook_usage_stats(counts)
+    self._usage_total = counts if self._usage_total is None else self._usage_total + counts
+    self._usage_final = (used, perplexity)
+    self._usage_steps.append(step)
+    return used, perplexity
+
   def finish(self) -> dict:
     """Flushes pending metrics, writes the plot, closes the writer and returns the summary.
 
     Summary: phase, steps (last step), from_step (0, or the step a resumed phase restarted
-    at: the timings and the plot's code frequencies cover the steps after it), final_loss
-    and mean_loss_last_10pct (of the whole phase's loss history), wall_time_s,
+    at: the timings cover the steps after it), final_loss and mean_loss_last_10pct (of the
+    whole phase's loss history), wall_time_s,
     samples_per_s (compilation included; None when this run took no step: a phase resumed
     at its end), steady_samples_per_s (after the first log line; None without a later
-    step), codebook_usage ({fraction_used, perplexity} per codebook from the latest counts;
-    None if none were recorded) and plot (its path; None when not the writer).
+    step), codebook_usage ({fraction_used, perplexity} per codebook from the phase's latest
+    counts, those of an earlier run of the phase included; None if none were recorded)
+    and plot (its path; None when not the writer).
     """
     if self._pending:
       self._flush()
@@ -194,35 +214,12 @@ class PhaseMonitor:
     if self.is_writer and losses:
       os.makedirs(os.path.dirname(self._history_path), exist_ok=True)
       with open(self._history_path, "a", encoding="utf-8") as f:
-        f.writelines(_history_line(step, loss) for step, loss in losses)
+        f.writelines(_loss_line(step, loss) for step, loss in losses)
     if self._writer is not None:
       for (step, _), metrics in zip(new, values):
         for name, value in metrics.items():
           self._writer.add_scalar(f"{self.phase_id}/{name}", float(value), step)
       self._writer.flush()
-
-  def _restore_history(self, start_step: int) -> list:
-    """The history file's losses up to start_step, rewritten without the later lines.
-
-    Lines after start_step were written by a run that stopped before its next checkpoint
-    (the resumed run redoes those steps); a line cut off by a crash is dropped too.
-    """
-    kept = []
-    if start_step and os.path.exists(self._history_path):
-      with open(self._history_path, encoding="utf-8") as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:
-            continue
-          if record["step"] <= start_step:
-            loss = record["loss"]
-            kept.append((record["step"], math.nan if loss is None else loss))
-    if kept or os.path.exists(self._history_path):
-      os.makedirs(os.path.dirname(self._history_path), exist_ok=True)
-      files.write_atomic(self._history_path,
-                         "".join(_history_line(*entry) for entry in kept).encode("utf-8"))
-    return kept
 
   def _flush(self) -> None:
     """Fetches and writes the buffered metrics (`sync`), then logs the interval."""
@@ -269,8 +266,8 @@ class PhaseMonitor:
                       label=f"codebook {s}: used {used[s]:.0%}, ppl {perplexity[s]:.0f}")
       usage_ax.axhline(1 / freqs.shape[1], color="gray", linestyle=":", label="uniform")
       usage_ax.set_yscale("log")
-      usage_ax.set(title=("code frequency, sorted (counts summed over steps "
-                          f"{self._first_step + 1}-{self._last_step})"),
+      usage_ax.set(title=(f"code frequency, sorted (counts of {len(self._usage_steps)} "
+                          f"steps, {self._usage_steps[0]}-{self._usage_steps[-1]})"),
                    xlabel="code rank", ylabel="fraction of assignments")
       usage_ax.legend(fontsize="small")
     buffer = io.BytesIO()
@@ -278,7 +275,30 @@ class PhaseMonitor:
     return buffer.getvalue()
 
 
-def _history_line(step: int, loss: float) -> str:
+def _restore_records(path: str, start_step: int) -> list[dict]:
+  """The records of a history file up to start_step; the file is rewritten without the
+  later lines (none are kept for a phase that starts at step 0).
+
+  Lines after start_step were written by a run that stopped before its next checkpoint
+  (the resumed run redoes those steps); a line cut off by a crash is dropped too.
+  """
+  kept = []
+  if start_step and os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if record["step"] <= start_step:
+          kept.append(record)
+  if kept or os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
+  return kept
+
+
+def _loss_line(step: int, loss: float) -> str:
   return json.dumps({"step": step, "loss": loss if math.isfinite(loss) else None}) + "\n"
 
 
