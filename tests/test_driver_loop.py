@@ -1,5 +1,6 @@
 """The train loop: how far the host runs ahead of the device, when it stops for preemption,
 and the random key it starts from."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -45,3 +46,21 @@ def test_a_fresh_state_keeps_a_key_that_initialised_nothing():
   state = state_lib.fresh_state_fn(models, ("encoder",), optax.sgd(0.1))(rng)
   used = jax.random.split(rng)  # keys an init could have taken from `rng`
   assert not any(bool((state.rng == key).all()) for key in (rng, *used))
+
+
+def test_the_phases_of_a_run_trace_the_model_initialisation_once(monkeypatch):
+  """A run's abstract and initial states of every phase reuse one trace of the four
+  modules' init (each trace runs their forward passes: about a second per phase)."""
+  config = audio_config.get_config("demo")
+  models = state_lib.build_models(config)
+  inits = []
+  module_init = nn.Module.init
+  monkeypatch.setattr(nn.Module, "init",
+                      lambda self, *a, **k: inits.append(type(self).__name__) or
+                      module_init(self, *a, **k))
+  rng = jax.random.PRNGKey(0)
+  for groups in (("encoder",), ("tokenizer",), ("encoder", "tokenizer")):
+    fresh = state_lib.fresh_state_fn(models, groups, optax.adamw(1e-3))
+    jax.eval_shape(fresh, rng)
+    jax.jit(fresh).lower(rng)
+  assert sorted(inits) == ["Decoder", "Encoder", "Estimator", "Tokenizer"]

@@ -114,7 +114,7 @@ def random_encoder_params(model_config, data_config, rng: jax.Array) -> dict:
   """Freshly initialised encoder params (unboxed) for the data config's input size."""
   encoder = vit.encoder_from_config(model_config, classifier.input_grid(model_config, data_config))
   x = jnp.zeros((1, *inputs.input_shape(data_config)), jnp.float32)
-  return nn.unbox(encoder.init(rng, x)["params"])
+  return nn.unbox(jax.jit(encoder.init)(rng, x)["params"])
 
 
 class Embedder:

@@ -6,6 +6,7 @@ both groups; the optimizer state holds one entry per updated group. The quantize
 codebooks travel as explicit state next to the parameters.
 """
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -51,8 +52,11 @@ def build_models(config) -> Models:
       input_shape=inputs.input_shape(data))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(models: Models, rng: jax.Array) -> dict:
-  """Fresh parameters of all four modules, with their logical-axis annotations."""
+  """Fresh parameters of all four modules, with their logical-axis annotations. Jitted
+  so that the programs built around it (abstract and initial states of every phase)
+  reuse its traced forward passes instead of tracing them again."""
   r_enc, r_dec, r_tok, r_est, r_mask = jax.random.split(rng, 5)
   x = jnp.zeros((1, *models.input_shape), jnp.float32)
   encoder = models.encoder.init({"params": r_enc, "mask": r_mask}, x, apply_mask=True)
