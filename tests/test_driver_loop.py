@@ -1,5 +1,5 @@
 """The train loop: how far the host runs ahead of the device, when it stops for preemption,
-and the random key it starts from."""
+and the state it starts from (its random key, one trace of the model's initialisation)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
