@@ -72,13 +72,13 @@ def compile_phase(config, kind: str, batch: int, mesh, target_platform: str) -> 
       mesh.abstract_mesh):
     phase = benchmark.phase_programs(config, kind, batch, mesh)
     state = benchmark.abstract_state(phase)
-    lowered = [step.lower(state, phase.batch) for step in phase.steps]
+    lowered = [step.lower(state, phase.batch, phase.schedule) for step in phase.steps]
     compiled = [program.compile() for program in lowered]
     if config[f"{kind}_phase"].grad_accum > 1:
       config = copy.deepcopy(config)
       config[f"{kind}_phase"].grad_accum = 1
       phase = benchmark.phase_programs(config, kind, batch, mesh)
-      lowered = [step.lower(state, phase.batch) for step in phase.steps]
+      lowered = [step.lower(state, phase.batch, phase.schedule) for step in phase.steps]
   return list(zip(lowered, compiled))
 
 

@@ -192,6 +192,7 @@ class PhasePrograms(NamedTuple):
   fresh: Callable  # rng -> the phase's initial state (boxed, with logical axis names)
   state_shardings: Any
   batch: dict  # input name -> jax.ShapeDtypeStruct of the global batch, with its sharding
+  schedule: optim.WarmupCosine  # the lr schedule's scalars as jax.ShapeDtypeStructs
   steps: list  # the jitted step; a joint phase's second is the one without tokenizer term
 
 
@@ -202,7 +203,6 @@ def phase_programs(config, kind: str, batch: int, mesh) -> PhasePrograms:
   sharding.check_batch_divides("--batch", batch, mesh)
   models = state_lib.build_models(config)
   tx = optim.adamw_direction(phase_config)
-  schedule = optim.warmup_cosine(phase_config.lr, phase_config.min_lr, 1, 1_000_000)
   fresh = state_lib.fresh_state_fn(models, steps.PHASE_GROUPS[kind], tx)
   shardings = sharding.shardings_for(jax.eval_shape(fresh, jax.random.PRNGKey(0)), mesh,
                                      config.sharding_rules)
@@ -215,15 +215,23 @@ def phase_programs(config, kind: str, batch: int, mesh) -> PhasePrograms:
   batch_specs = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                  for name, (shape, dtype) in shapes.items()}
   replicated = sharding.replicated(mesh)
+  schedule = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          benchmark_schedule(phase_config))
 
   def jitted(**kwargs):
-    fn = steps.phase_step(models, kind, phase_config, tx, schedule, **kwargs)
-    return jax.jit(fn, in_shardings=(shardings, {name: batch_sharding for name in batch_specs}),
+    fn = steps.phase_step(models, kind, phase_config, tx, **kwargs)
+    return jax.jit(fn, in_shardings=(shardings, {name: batch_sharding for name in batch_specs},
+                                     replicated),
                    out_shardings=(shardings, replicated, replicated), donate_argnums=0,
                    compiler_options=platform.model_compiler_options(config.model))
 
   programs = [jitted()] + ([jitted(with_tokenizer=False)] if kind == "joint" else [])
-  return PhasePrograms(models, fresh, shardings, batch_specs, programs)
+  return PhasePrograms(models, fresh, shardings, batch_specs, schedule, programs)
+
+
+def benchmark_schedule(phase_config) -> optim.WarmupCosine:
+  """A long schedule past its warmup, so timed steps update with a nonzero lr."""
+  return optim.warmup_cosine(phase_config.lr, phase_config.min_lr, 1, 1_000_000)
 
 
 def abstract_state(phase: PhasePrograms):
@@ -234,8 +242,8 @@ def abstract_state(phase: PhasePrograms):
 
 
 def lower_phase(config, kind: str, batch: int):
-  """(models, state, device batch, lowered steps) of a phase on this process's devices:
-  fresh state, random input. The encoder phase is the steady-state one (trained
+  """(models, state, device batch, schedule, lowered steps) of a phase on this process's
+  devices: fresh state, random input. The encoder phase is the steady-state one (trained
   tokenizer, not the cold start); a joint phase has two steps, with and without the
   tokenizer term.
   """
@@ -245,10 +253,13 @@ def lower_phase(config, kind: str, batch: int):
       jax.random.PRNGKey(config.seed))
   device_batch = random_batch(config, phase.batch, phase.models.quantizer.codebook_size,
                               sharding.batch_sharding(mesh))
-  return phase.models, state, device_batch, [p.lower(state, device_batch) for p in phase.steps]
+  schedule = jax.device_put(benchmark_schedule(config[f"{kind}_phase"]),
+                            sharding.replicated(mesh))
+  return (phase.models, state, device_batch, schedule,
+          [p.lower(state, device_batch, schedule) for p in phase.steps])
 
 
-def step_schedule(config, kind: str, programs: list) -> list:
+def step_cycle(config, kind: str, programs: list) -> list:
   """The programs of one cycle of steps: a joint phase runs `programs[0]` (with the
   tokenizer term) every `tokenizer_every`-th step and `programs[-1]` otherwise."""
   every = config[f"{kind}_phase"].get("tokenizer_every", 1) if kind == "joint" else 1
@@ -258,10 +269,10 @@ def step_schedule(config, kind: str, programs: list) -> list:
 def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: int,
                        repeats: int) -> dict:
   """Times the phase's compiled step on random input; returns the report."""
-  models, state, device_batch, lowered = lower_phase(config, kind, batch)
-  schedule = step_schedule(config, kind, [program.compile() for program in lowered])
-  counted = step_schedule(config, kind, lowered)
-  every = len(schedule)
+  models, state, device_batch, lr_schedule, lowered = lower_phase(config, kind, batch)
+  cycle = step_cycle(config, kind, [program.compile() for program in lowered])
+  counted = step_cycle(config, kind, lowered)
+  every = len(cycle)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
   step = 0
   metrics = None
@@ -269,7 +280,7 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
   def run(n):
     nonlocal state, step, metrics
     for _ in range(n):
-      state, metrics, _ = schedule[step % every](state, device_batch)
+      state, metrics, _ = cycle[step % every](state, device_batch, lr_schedule)
       step += 1
     jax.block_until_ready(state)
 
@@ -286,7 +297,7 @@ def run_step_benchmark(config, kind: str, batch: int, num_steps: int, warmup: in
   if config[f"{kind}_phase"].grad_accum > 1:
     config = copy.deepcopy(config)
     config[f"{kind}_phase"].grad_accum = 1
-    counted = step_schedule(config, kind, lower_phase(config, kind, batch)[3])
+    counted = step_cycle(config, kind, lower_phase(config, kind, batch)[-1])
   flops = sum(cost_flops(program) for program in counted) / every
   device = jax.devices()[0]
   peak = peak_tflops(device)

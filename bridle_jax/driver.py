@@ -200,7 +200,8 @@ class Trainer:
     total = phase_config.steps or phase_config.epochs * steps_per_epoch
     warmup = round(total * phase_config.warmup_epochs / phase_config.epochs)
     tx = optim.adamw_direction(phase_config)
-    schedule = optim.warmup_cosine(phase_config.lr, phase_config.min_lr, warmup, total)
+    schedule = jax.device_put(
+        optim.warmup_cosine(phase_config.lr, phase_config.min_lr, warmup, total), self.replicated)
     groups = steps.PHASE_GROUPS[phase.kind]
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), phase.index)
 
@@ -236,11 +237,12 @@ class Trainer:
       batch_shardings = {**batch_shardings, "codes": self.batch_sharding}
 
     def compile_step(**kwargs):
-      fn = steps.phase_step(models, phase.kind, phase_config, tx, schedule, cold_start=cold_start,
-                            **kwargs)
-      return jax.jit(fn, in_shardings=(shardings, batch_shardings),
-                     out_shardings=(shardings, self.replicated, self.replicated),
-                     donate_argnums=0, compiler_options=self.compiler_options)
+      """(state, batch) -> step outputs; the schedule goes in as an input, not as constants."""
+      fn = steps.phase_step(models, phase.kind, phase_config, tx, cold_start=cold_start, **kwargs)
+      program = jax.jit(fn, in_shardings=(shardings, batch_shardings, self.replicated),
+                        out_shardings=(shardings, self.replicated, self.replicated),
+                        donate_argnums=0, compiler_options=self.compiler_options)
+      return lambda state, batch: program(state, batch, schedule)
 
     encoder_only_step = compile_step(with_tokenizer=False) if phase.kind == "joint" else None
     logging.info("%s: %d steps (%d per epoch), batch %d%s", phase.id, total, steps_per_epoch,

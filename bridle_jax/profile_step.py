@@ -163,14 +163,14 @@ def format_summary(summary: dict) -> str:
 def profile_phase(config, kind: str, batch: int, out_dir: str, steps: int, warmup: int,
                   top: int) -> dict:
   """Traces `steps` steps of the phase into out_dir; returns (and writes) the summary."""
-  _, state, device_batch, lowered = benchmark.lower_phase(config, kind, batch)
+  _, state, device_batch, lr_schedule, lowered = benchmark.lower_phase(config, kind, batch)
   programs = [program.compile() for program in lowered]
-  schedule = benchmark.step_schedule(config, kind, programs)
+  cycle = benchmark.step_cycle(config, kind, programs)
 
   def run(first, n):
     nonlocal state
     for i in range(first, first + n):
-      state, _, _ = schedule[i % len(schedule)](state, device_batch)
+      state, _, _ = cycle[i % len(cycle)](state, device_batch, lr_schedule)
     jax.block_until_ready(state)
 
   run(0, warmup)

@@ -170,8 +170,9 @@ def _phase_step_text(kind: str, lowering_platform: str, **model_overrides):
   samples = audio.num_samples_for_frames(config.data.target_length, config.data.sample_rate)
   batch = {"waveform": jax.ShapeDtypeStruct((4, samples), jnp.float32),
            "valid_frames": jax.ShapeDtypeStruct((4,), jnp.int32)}
-  step = steps.phase_step(models, kind, phase_config, tx, optim.warmup_cosine(1e-3, 0.0, 1, 10))
-  lowered = jax.jit(step).trace(state, batch).lower(lowering_platforms=(lowering_platform,))
+  step = steps.phase_step(models, kind, phase_config, tx)
+  lowered = jax.jit(step).trace(state, batch, optim.warmup_cosine(1e-3, 0.0, 1, 10)).lower(
+      lowering_platforms=(lowering_platform,))
   return lowered.as_text()
 
 

@@ -62,9 +62,8 @@ def _one_step(phase_config):
   state = state_lib.new_state(params, quantizer.init(models.quantizer, jax.random.PRNGKey(0)),
                               ("encoder",), tx, jax.random.PRNGKey(0))
   step = functools.partial(steps.train_step, models=models, loss_fn=loss_fn, groups=("encoder",),
-                           tx=tx, schedule=lambda s: 0.1, grad_accum=phase_config.grad_accum,
-                           update_codebooks=False)
-  return jax.jit(step)(state, batch)
+                           tx=tx, grad_accum=phase_config.grad_accum, update_codebooks=False)
+  return jax.jit(step)(state, batch, optim.warmup_cosine(0.1, 0.1, 0, 1))
 
 
 def test_gradient_accumulation_equals_the_full_batch_step():

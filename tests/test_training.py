@@ -134,6 +134,34 @@ def test_eight_devices_match_one(corpus, one_device_run, tmp_path, mesh):
     assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // mesh["fsdp"]
 
 
+def test_a_run_with_another_lr_and_length_reuses_the_compiled_step(corpus, tmp_path):
+  """The lr schedule is an input of the step, not constants in it: an lr sweep or a longer
+  rerun loads the step from the compilation cache instead of compiling it again."""
+  cache_events, lrs = [], []
+
+  def listener(name, **kwargs):
+    if name in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):
+      cache_events.append(name.rsplit("_", 1)[-1])
+
+  jax.monitoring.register_event_listener(listener)
+  try:
+    for steps, lr in ((2, 1e-3), (5, 3e-4)):
+      workdir = tmp_path / f"steps{steps}"
+      config = _config(corpus, workdir, rounds=("tokenizer",), steps=steps)
+      config.compile_cache_dir = str(tmp_path / "xla")  # unless the process names one
+      config.tokenizer_phase.update(lr=lr, min_lr=lr / 10, warmup_epochs=0)
+      trainer = driver.Trainer(config, str(workdir), devices=jax.devices()[:1])
+      run = trainer.setup_phase(driver.phases(config)[0], None)
+      batch = trainer.device_batch(run.next_batch())
+      cache_events.clear()
+      run.state, metrics, _ = run.step_fn(0)(run.state, batch)
+      lrs.append(float(metrics["lr"]))
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+  assert cache_events == ["hits"]  # the second run's step was compiled by the first
+  assert lrs == pytest.approx([1e-3, 3e-4])  # each with its own schedule (step 0: base lr)
+
+
 def test_checkpoint_round_trip_restores_state_and_data_position(corpus, tmp_path):
   config = _config(corpus, tmp_path, rounds=("tokenizer",))
   phase, = driver.phases(config)

@@ -177,10 +177,11 @@ def trainable_keys(mode: str, params: dict) -> tuple[str, ...]:
   return PROBE_KEYS if mode == "probe" else tuple(params)
 
 
-def train_step(state: ClassifierState, batch: dict, *, model: nn.Module, features: Callable,
-               loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
-               scales: dict, trainable: tuple[str, ...]):
-  """One optimizer step on the trainable params: (state, batch) -> (state, metrics)."""
+def train_step(state: ClassifierState, batch: dict, schedule: optim.WarmupCosine, *,
+               model: nn.Module, features: Callable, loss_fn: Callable,
+               tx: optax.GradientTransformation, scales: dict, trainable: tuple[str, ...]):
+  """One optimizer step on the trainable params: (state, batch, lr schedule) -> (state,
+  metrics)."""
   rng, aug_rng, dropout_rng, mask_rng = jax.random.split(state.rng, 4)
   x = features(batch, aug_rng)  # SpecAugment (audio) or random erasing (images) where set
   updated = {k: state.params[k] for k in trainable}
@@ -351,7 +352,15 @@ class Finetuner:
         out_shardings=self.replicated, compiler_options=self.compiler_options)
     self.encoder_params = self._pretrained_encoder() if config.init_from else None
     self._start = jax.jit(self._start_state, out_shardings=self.shardings)
-    self._train_steps = {}  # (total, warmup) -> compiled step; equal folds share one
+    ft = config.finetune
+    # One program for every run: the lr schedule is an input, so folds of any length share it.
+    self._train_step = jax.jit(
+        functools.partial(train_step, model=self.model, features=self.features,
+                          loss_fn=classification_loss(ft.loss), tx=self.tx, scales=self.scales,
+                          trainable=self.trainable),
+        in_shardings=(self.shardings, batch_shardings, self.replicated),
+        out_shardings=(self.shardings, self.replicated), donate_argnums=0,
+        compiler_options=self.compiler_options)
     self.preemption = preemption.PreemptionNotice()
 
   def _fresh_state(self, rng) -> ClassifierState:
@@ -388,18 +397,12 @@ class Finetuner:
                        jax.random.fold_in(jax.random.PRNGKey(self.config.seed), index))
 
   def train_step_fn(self, total: int, warmup: int) -> Callable:
-    """The compiled train step for a schedule of `total` steps with `warmup` warmup steps."""
-    if (total, warmup) not in self._train_steps:
-      ft = self.config.finetune
-      schedule = optim.warmup_cosine(ft.lr, ft.min_lr, warmup, total)
-      self._train_steps[total, warmup] = jax.jit(
-          functools.partial(train_step, model=self.model, features=self.features,
-                            loss_fn=classification_loss(ft.loss), tx=self.tx,
-                            schedule=schedule, scales=self.scales, trainable=self.trainable),
-          in_shardings=(self.shardings, {k: self.batch_sharding for k in self.batch_keys}),
-          out_shardings=(self.shardings, self.replicated), donate_argnums=0,
-          compiler_options=self.compiler_options)
-    return self._train_steps[total, warmup]
+    """(state, batch) -> (state, metrics): the compiled step with a schedule of `total` steps,
+    `warmup` of them warmup."""
+    ft = self.config.finetune
+    schedule = jax.device_put(optim.warmup_cosine(ft.lr, ft.min_lr, warmup, total),
+                              self.replicated)
+    return lambda state, batch: self._train_step(state, batch, schedule)
 
   def device_batch(self, host_batch: dict) -> dict:
     return pipeline.to_device_batch(host_batch, self.batch_sharding)

@@ -6,21 +6,41 @@ follows the same schedule as the rest while its Adam moments and bias correction
 only its own updates, as PyTorch's AdamW does for parameters without a gradient.
 """
 import math
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
-def warmup_cosine(base_lr: float, min_lr: float, warmup_steps: int, total_steps: int):
-  """lr(step): linear warmup from 0, then half-cosine to min_lr (util/lr_sched.py, per step)."""
-  def schedule(step):
+@flax.struct.dataclass
+class WarmupCosine:
+  """lr(step): linear warmup from 0 to base_lr, then half-cosine to min_lr (util/lr_sched.py,
+  per step).
+
+  Its four numbers are leaves, not constants: a jitted step takes the schedule as an
+  argument, so runs that differ only in learning rate or length share one compiled program.
+  """
+  base_lr: Any
+  min_lr: Any
+  warmup_steps: Any
+  total_steps: Any
+
+  def __call__(self, step):
     step = jnp.asarray(step, jnp.float32)
-    warm = base_lr * step / max(warmup_steps, 1)
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    cosine = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * jnp.clip(progress, 0, 1)))
-    return jnp.where(step < warmup_steps, warm, cosine)
-  return schedule
+    warm = self.base_lr * step / jnp.maximum(self.warmup_steps, 1)
+    progress = (step - self.warmup_steps) / jnp.maximum(self.total_steps - self.warmup_steps, 1)
+    cosine = self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (
+        1.0 + jnp.cos(math.pi * jnp.clip(progress, 0, 1)))
+    return jnp.where(step < self.warmup_steps, warm, cosine)
+
+
+def warmup_cosine(base_lr: float, min_lr: float, warmup_steps: int,
+                  total_steps: int) -> WarmupCosine:
+  """The schedule as float32 scalars (`jax.device_put` it once to pass it to every step)."""
+  return WarmupCosine(*(np.float32(v) for v in (base_lr, min_lr, warmup_steps, total_steps)))
 
 
 def decay_mask(params):

@@ -100,10 +100,10 @@ def _split_micro_batches(batch, accum: int):
       lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
 
 
-def train_step(state: TrainState, batch: dict, *, models: Models, loss_fn: Callable,
-               groups: tuple[str, ...], tx: optax.GradientTransformation,
-               schedule: Callable, grad_accum: int, update_codebooks: bool):
-  """One optimizer step: (state, batch) -> (state, metrics, per-code counts (S, K))."""
+def train_step(state: TrainState, batch: dict, schedule: optim.WarmupCosine, *, models: Models,
+               loss_fn: Callable, groups: tuple[str, ...], tx: optax.GradientTransformation,
+               grad_accum: int, update_codebooks: bool):
+  """One optimizer step: (state, batch, lr schedule) -> (state, metrics, per-code counts (S, K))."""
   rng, step_rng = jax.random.split(state.rng)
   updated = {name: state.params[name] for g in groups for name in GROUPS[g]}
   frozen = {k: v for k, v in state.params.items() if k not in updated}
@@ -205,9 +205,9 @@ PHASE_GROUPS = {"encoder": ("encoder",), "tokenizer": ("tokenizer",),
                 "joint": ("encoder", "tokenizer")}
 
 
-def phase_step(models: Models, kind: str, phase_config, tx, schedule, *, cold_start: bool = False,
+def phase_step(models: Models, kind: str, phase_config, tx, *, cold_start: bool = False,
                with_tokenizer: bool = True):
-  """The step function of a phase kind, its keyword arguments bound."""
+  """The step function (state, batch, schedule) of a phase kind, its keyword arguments bound."""
   if kind == "encoder":
     loss_fn = functools.partial(encoder_phase_loss, cold_start=cold_start)
     groups, update_codebooks = PHASE_GROUPS["encoder"], False
@@ -219,5 +219,5 @@ def phase_step(models: Models, kind: str, phase_config, tx, schedule, *, cold_st
     groups = PHASE_GROUPS["joint"] if with_tokenizer else PHASE_GROUPS["encoder"]
     update_codebooks = with_tokenizer
   return functools.partial(
-      train_step, models=models, loss_fn=loss_fn, groups=groups, tx=tx, schedule=schedule,
+      train_step, models=models, loss_fn=loss_fn, groups=groups, tx=tx,
       grad_accum=phase_config.grad_accum, update_codebooks=update_codebooks)
