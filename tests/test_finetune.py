@@ -292,6 +292,12 @@ def test_a_non_finite_fine_tuning_step_leaves_the_classifier_and_is_counted(corp
   state, metrics = step_fn(state, tuner.device_batch(batch))
   assert np.isfinite(float(metrics["loss"])) and int(state.skipped_updates) == 1
   assert int(state.step) == 2
+  # A run of another length (a fold of another size) takes the same compiled step with
+  # its own schedule: at step 2 of 4 without warmup, halfway down the cosine.
+  ft = config.finetune
+  _, metrics = tuner.train_step_fn(4, 0)(state, tuner.device_batch(batch))
+  assert float(metrics["lr"]) == pytest.approx((ft.lr + ft.min_lr) / 2, rel=1e-5)
+  assert tuner._train_step._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_a_run_killed_in_an_evaluation_evaluates_that_step_on_resume(corpus, tmp_path,
