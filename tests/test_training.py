@@ -148,8 +148,9 @@ def test_a_run_with_another_lr_and_length_reuses_the_compiled_step(corpus, tmp_p
     for steps, lr in ((2, 1e-3), (5, 3e-4)):
       workdir = tmp_path / f"steps{steps}"
       config = _config(corpus, workdir, rounds=("tokenizer",), steps=steps)
-      config.compile_cache_dir = str(tmp_path / "xla")  # unless the process names one
       config.tokenizer_phase.update(lr=lr, min_lr=lr / 10, warmup_epochs=0)
+      config.compile_cache_dir = str(tmp_path / "xla")  # shared, unless the process names one
+      prepare_lib.prepare(config, str(workdir))
       trainer = driver.Trainer(config, str(workdir), devices=jax.devices()[:1])
       run = trainer.setup_phase(driver.phases(config)[0], None)
       batch = trainer.device_batch(run.next_batch())
