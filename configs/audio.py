@@ -56,7 +56,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   d.timem = 0                  # SpecAugment time mask width bound (frames)
   d.num_workers = -1           # grain worker processes (-1: one per core less
                                # one, at most 16; 0: in-process)
-  d.prefetch = 2               # per-worker buffer, in batches
+  d.prefetch = 2               # batches decoded ahead by each worker (or in-process)
   d.multi_label = True
   d.max_clip_seconds = 60.0    # decode at most this much of a clip (0: all of it)
 

@@ -45,7 +45,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   d.randaugment = ""           # e.g. "rand-m9-mstd0.5-inc1" (fine-tuning); "" = none
   d.reprob = 0.0               # random erasing probability (fine-tuning: 0.25)
   d.num_workers = -1           # grain worker processes (-1: one per core less one, at most 16)
-  d.prefetch = 2
+  d.prefetch = 2               # batches decoded ahead by each worker (or in-process)
   d.multi_label = False
 
   m = c.model

@@ -1,5 +1,6 @@
 """The grain pipeline: determinism, host sharding, resumable state, bad clips."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -136,6 +137,23 @@ def test_restored_iterator_continues_in_worker_processes(clips):
   restored.set_state(state)
   for want in expected:
     np.testing.assert_array_equal(next(restored)["waveform"], want)
+
+
+def test_a_stream_decodes_at_most_prefetch_batches_ahead(clips, monkeypatch):
+  """A stream dropped after a few batches (a short run, a phase's end, a preemption) has
+  decoded little more than it used; grain alone would read 500 clips ahead."""
+  decoded = []
+
+  def counting_load_audio(*args, **kwargs):
+    decoded.append(1)
+    return load_audio(*args, **kwargs)
+
+  load_audio = audio.load_audio
+  monkeypatch.setattr(audio, "load_audio", counting_load_audio)
+  stream = pipeline.DataStream(clips, _data_config(prefetch=2), global_batch_size=4, seed=1)
+  next(iter(stream))
+  time.sleep(1.0)  # time enough to decode every clip many times over
+  assert 4 <= len(decoded) <= 4 * (1 + 2) + 1, len(decoded)
 
 
 def test_examples_are_padded_and_labelled(clips):

@@ -1,5 +1,8 @@
 """bfloat16 against float32 on a short demo run: losses within noise, codes agree."""
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,6 +10,10 @@ import pytest
 from bridle_jax import precision_check
 from bridle_jax.data import demo
 from configs import audio as audio_config
+
+import cpu_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_compare_curves_measures_the_gap_against_another_seed():
@@ -58,21 +65,31 @@ def test_float32_runs_compute_as_the_reference_and_bfloat16_with_the_settings(tm
                       "float32_next_seed": ("float32", "exact", "float32", config.seed + 1)}
 
 
+def _precision_check(*args):
+  """The command on one CPU device: a subprocess, so its numerics are not the sharding's."""
+  return subprocess.run(
+      [sys.executable, "-m", "bridle_jax.precision_check", "--config=configs/audio.py:demo",
+       *args], cwd=REPO, env=cpu_env.subprocess_env(1), capture_output=True, text=True,
+      timeout=900)
+
+
 def test_bf16_demo_run_matches_float32(tmp_path):
   corpus = demo.write_demo_corpus(tmp_path / "corpus", clips_per_class=4, eval_clips_per_class=1)
-  config = audio_config.get_config("demo")
-  config.data.demo_dir = ""
-  config.data.manifest, config.data.label_csv = corpus["train"], corpus["label_csv"]
-  config.rounds = ("tokenizer",)  # bf16 tokenizer and encoder, float32 quantizer and EMA
-  config.tokenizer_phase.steps = 16
-  report = precision_check.run(config, str(tmp_path / "runs"), code_batch=32)
+  args = (f"--workdir={tmp_path / 'runs'}", "--code_batch=32", "--config.data.demo_dir=",
+          f"--config.data.manifest={corpus['train']}",
+          f"--config.data.label_csv={corpus['label_csv']}",
+          # bf16 tokenizer and encoder, float32 quantizer and EMA
+          "--config.rounds=('tokenizer',)", "--config.tokenizer_phase.steps=16")
+  result = _precision_check(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout)
   assert set(report["phases"]) == {"p1_tokenizer"}
-  for phase, result in report["phases"].items():
-    assert result["within_noise"], (phase, result)
+  for phase, curves in report["phases"].items():
+    assert curves["within_noise"], (phase, curves)
   assert min(report["code_agreement"]) > 0.9, report["code_agreement"]
   # One step's bf16 gradients point the float32 way: a few percent off, not noise.
   assert set(report["gradient_error"]) == {"encoder", "tokenizer"}
   assert all(0 < e < 0.2 for e in report["gradient_error"].values()), report["gradient_error"]
   assert sorted(os.listdir(tmp_path / "runs")) == sorted(precision_check.RUNS)
-  with pytest.raises(ValueError, match="already holds a run"):
-    precision_check.run(config, str(tmp_path / "runs"), code_batch=32)
+  again = _precision_check(*args)
+  assert again.returncode == 2 and "already holds a run" in again.stderr, again.stderr[-3000:]
