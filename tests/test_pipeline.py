@@ -142,13 +142,12 @@ def test_restored_iterator_continues_in_worker_processes(clips):
 def test_a_stream_decodes_at_most_prefetch_batches_ahead(clips, monkeypatch):
   """A stream dropped after a few batches (a short run, a phase's end, a preemption) has
   decoded little more than it used; grain alone would read 500 clips ahead."""
-  decoded = []
+  decoded, load_audio = [], audio.load_audio
 
   def counting_load_audio(*args, **kwargs):
     decoded.append(1)
     return load_audio(*args, **kwargs)
 
-  load_audio = audio.load_audio
   monkeypatch.setattr(audio, "load_audio", counting_load_audio)
   stream = pipeline.DataStream(clips, _data_config(prefetch=2), global_batch_size=4, seed=1)
   next(iter(stream))

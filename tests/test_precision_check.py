@@ -66,7 +66,7 @@ def test_float32_runs_compute_as_the_reference_and_bfloat16_with_the_settings(tm
 
 
 def _precision_check(*args):
-  """The command on one CPU device: a subprocess, so its numerics are not the sharding's."""
+  """The command as users run it, on one CPU device."""
   return subprocess.run(
       [sys.executable, "-m", "bridle_jax.precision_check", "--config=configs/audio.py:demo",
        *args], cwd=REPO, env=cpu_env.subprocess_env(1), capture_output=True, text=True,
