@@ -244,9 +244,10 @@ def build_dataset(source: Sequence[dict], data_config, *, global_batch_size: int
   if train and shuffle:
     ds = ds.shuffle(seed=host_seed)
   ds = ds.repeat(num_epochs).random_map(loader, seed=host_seed)
-  workers = worker_count(data_config.num_workers) if num_workers is None else num_workers
   if not train:
-    workers = 0
+    workers = 0  # a finite pass runs on threads (below)
+  else:
+    workers = worker_count(data_config.num_workers) if num_workers is None else num_workers
   # Worker processes queue `prefetch` finished batches each; their threads decode one ahead.
   ahead = 1 if workers else data_config.prefetch
   ds = SkipBadClips(ds.to_iter_dataset(read_options(batch * ahead)),
